@@ -478,3 +478,313 @@ def measure_impacts(
         pair_impacts=pair, self_impact=self_imp, G=-s, delta=delta if keep_delta else None,
         labels=y, lr=h, output=output, include_self=include_self,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# one-step changes: explicit step (any optimizer) or its eta -> 0 limit (NTK)
+# --------------------------------------------------------------------------------------------
+OptimizerSpec = Union[str, Callable[[Sequence[Tensor], float], torch.optim.Optimizer]]
+
+
+def _optimizer_factory(optimizer: OptimizerSpec):
+    """``factory(params, lr) -> torch.optim.Optimizer``; "sgd" and "adam" are fresh optimizers."""
+    if callable(optimizer):
+        return optimizer
+    if optimizer == "sgd":
+        return lambda params, lr: torch.optim.SGD(params, lr=lr)
+    if optimizer == "adam":
+        return lambda params, lr: torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable (params, lr) -> "
+                     f"torch.optim.Optimizer, got {optimizer!r}")
+
+
+@dataclass(frozen=True)
+class StepChanges:
+    """Changes of the outputs caused by one optimizer step at each update example.
+
+    Convention (He & Su): row i = update example x_i, column j = probe x'_j.
+
+    Attributes:
+        delta: Delta_i f(x'_j) = f(x'_j; w_i+) - f(x'_j; w) [Mu, Mp, q], w_i+ one step at
+            (x_i, y_i) from w.
+        self_delta: Delta_i f(x_i), the change at the update example itself [Mu, q].
+        loss_grad: dL/df at (x_i, y_i), f = the measured output (logits or features) [Mu, q].
+        before_probe: f(x'_j; w) [Mp, q]; before_self: f(x_i; w) [Mu, q].
+        lr: the step size eta; method: "ntk" (first order, exact eta -> 0 limit, SGD only)
+            or "step" (an explicit optimizer step).
+    """
+
+    delta: Tensor
+    self_delta: Tensor
+    loss_grad: Tensor
+    before_probe: Tensor
+    before_self: Tensor
+    lr: float
+    method: str
+
+    def relative(self) -> Tensor:
+        """S_rel(x_i, x'_j) = |Delta_i f(x'_j)| / |Delta_i f(x_i)|  [Mu, Mp] (Euclidean norm)."""
+        den = self.self_delta.norm(dim=-1)
+        return self.delta.norm(dim=-1) / den[:, None]
+
+    def kernelized(self) -> Tensor:
+        """S_ker(x_i, x'_j) [Mu, Mp]: the coefficient of Delta_i f(x'_j) on -eta dL/df(x_i).
+
+        Scalar output: Delta_i f(x'_j) / (-eta dL/df(x_i)) (He & Su). Vector output: the
+        least-squares coefficient <Delta_i f(x'_j), -eta s_i> / |eta s_i|^2, s_i = dL/df(x_i),
+        which reduces to the scalar formula for q = 1. In the eta -> 0 limit with SGD it is
+        s_i^T K(x'_j, x_i) s_i / |s_i|^2, i.e. K(x_i, x'_j) for scalar outputs.
+        """
+        step = -self.lr * self.loss_grad
+        return torch.einsum("ijq,iq->ij", self.delta, step) / (step ** 2).sum(-1)[:, None]
+
+
+def one_step_changes(
+    model: nn.Module,
+    x,
+    y,
+    x_probe=None,
+    *,
+    lr: float = 1e-3,
+    method: str = "ntk",
+    optimizer: OptimizerSpec = "sgd",
+    loss: LossSpec = "cross_entropy",
+    output: str = "logits",
+    chunk: Optional[int] = None,
+    eval_mode: bool = True,
+) -> StepChanges:
+    """Change of the outputs at probes x'_j after one optimizer step at each example (x_i, y_i).
+
+    ``method="step"`` takes the step explicitly (He & Su; Dan et al.): for each update example a
+    fresh optimizer from ``optimizer`` (``"sgd"``, ``"adam"`` -- a fresh Adam's first step is
+    about ``-eta sign(grad)`` -- or a callable ``(params, lr) -> Optimizer``) on a copy of the
+    parameters (the model is not modified), one step on the per-sample loss L(f(x_i), y_i), then
+    the outputs at the probes. ``method="ntk"`` gives the exact first-order (eta -> 0) SGD change
+
+        Delta_i f(x'_j) = -eta J(x'_j) grad_w L(x_i, y_i)    (= -eta K(x'_j, x_i) dL/df(x_i))
+
+    computed in chunks with ``torch.func`` (no loop over examples); SGD only.
+
+    Args:
+        x: update examples [Mu, ...]; y: their labels [Mu] (class indices for "cross_entropy",
+            0/1 for "bce", targets for "mse").
+        x_probe: probes [Mp, ...] (default: ``x``, giving square matrices).
+        output: measure the change of the logits or of the penultimate ``features``.
+    """
+    if method not in ("ntk", "step"):
+        raise ValueError(f"method must be 'ntk' or 'step', got {method!r}")
+    if method == "ntk" and optimizer != "sgd":
+        raise ValueError("method='ntk' is the eta -> 0 limit of an SGD step; use method='step' "
+                         f"for optimizer={optimizer!r}")
+    factory = _optimizer_factory(optimizer)
+    loss_fn = _loss_fn(loss)
+    with _eval_mode(model, eval_mode):
+        fn = _Functional(model, output)
+        x = fn.as_input(x)
+        y = _labels(y, x.shape[0], fn.device)
+        square = x_probe is None
+        xp = x if square else fn.as_input(x_probe)
+        s = _output_loss_grad(fn, x, y, loss_fn)
+        before_p = fn.outputs(xp)
+        before_s = before_p if square else fn.outputs(x)
+        if method == "ntk":
+            delta = _first_order_deltas(fn, xp, x, y, lr, loss_fn, chunk).transpose(0, 1)
+            if square:
+                self_delta = torch.diagonal(delta, dim1=0, dim2=1).T
+            else:
+                gsize = _auto_chunk(chunk, fn.num_params)
+                parts = []
+                for sl in _chunks(x.shape[0], gsize):
+                    g = fn.loss_grads(x[sl], y[sl], loss_fn)
+                    parts.append(fn.directional(x[sl], g))
+                self_delta = -float(lr) * torch.cat(parts)
+        else:
+            delta, self_delta = _explicit_steps(model, output, x, y, xp, square, lr, factory,
+                                                loss_fn, before_p, before_s)
+    return StepChanges(delta=delta.detach(), self_delta=self_delta.detach(), loss_grad=s,
+                       before_probe=before_p, before_self=before_s, lr=float(lr), method=method)
+
+
+def _explicit_steps(model, output, x, y, xp, square, lr, factory, loss_fn, before_p, before_s):
+    """One fresh optimizer step per update example on a copy of all trainable parameters."""
+    full = _Functional(model, "logits")   # every trainable parameter moves
+    view = _OutputView(model, output)
+    probes = xp if square else torch.cat([xp, x])
+    mp = xp.shape[0]
+    deltas, selfs = [], []
+    for i in range(x.shape[0]):
+        params = {k: v.clone().requires_grad_(True) for k, v in full.params.items()}
+        opt = factory(list(params.values()), float(lr))
+        opt.zero_grad()
+        with torch.enable_grad():
+            logits = functional_call(full.logit_view, (params, full.consts), (x[i:i + 1],))
+            loss_fn(logits, y[i:i + 1]).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            after = functional_call(view, (params, full.consts), (probes,))
+            after = after.reshape(probes.shape[0], -1)
+        deltas.append(after[:mp] - before_p)
+        selfs.append(after[i] - before_s[i] if square else after[mp + i] - before_s[i])
+    return torch.stack(deltas), torch.stack(selfs)
+
+
+def relative_similarity(model: nn.Module, x, y, x_probe=None, **kwargs) -> Tensor:
+    """He & Su's relative similarity S_rel(x_i, x'_j) = |Delta_i f(x'_j)| / |Delta_i f(x_i)|.
+
+    Shape [Mu, Mp], row = update example, column = probe; vector outputs are summarised by the
+    Euclidean norm. With ``method="ntk"`` (default) the exact eta -> 0 SGD limit
+    |K(x'_j, x_i) s_i| / |K(x_i, x_i) s_i| (s_i = dL/df(x_i); |K(x_i, x'_j)| / K(x_i, x_i) for
+    scalar outputs); ``method="step"`` takes an explicit optimizer step. Keyword arguments as
+    in :func:`one_step_changes`.
+    """
+    return one_step_changes(model, x, y, x_probe, **kwargs).relative()
+
+
+def kernelized_similarity(model: nn.Module, x, y, x_probe=None, **kwargs) -> Tensor:
+    """He & Su's kernelized similarity S_ker(x_i, x'_j) = Delta_i f(x'_j) / (-eta dL/df(x_i)).
+
+    Shape [Mu, Mp], row = update example, column = probe. Vector outputs: the least-squares
+    coefficient on the step direction (:meth:`StepChanges.kernelized`). With ``method="ntk"``
+    (default) the exact eta -> 0 SGD limit, the empirical NTK K(x_i, x'_j) for scalar outputs.
+    Keyword arguments as in :func:`one_step_changes`.
+    """
+    return one_step_changes(model, x, y, x_probe, **kwargs).kernelized()
+
+
+def _kl_from_logits(z_old: Tensor, dz: Tensor, kl_mode: str) -> Tensor:
+    """KL(softmax(z_old) || softmax(z_old + dz)) per row, computed without cancellation.
+
+    With p = softmax(z_old) and u = dz - <p, dz>:  KL = log sum_a p_a exp(u_a)
+    = log1p(sum_a p_a (expm1(u_a) - u_a)) (the first-order terms cancel exactly), in float64.
+    ``kl_mode="compat"``: sum_a p_a (log p_a - p+_a), see :func:`kl_relative_similarity`.
+    """
+    z_old = z_old.to(torch.float64)
+    dz = dz.to(torch.float64)
+    logp = torch.log_softmax(z_old, dim=-1)
+    p = logp.exp()
+    if kl_mode == "true":
+        u = dz - (p * dz).sum(-1, keepdim=True)
+        return torch.log1p((p * (torch.expm1(u) - u)).sum(-1))
+    p_new = torch.softmax(z_old + dz, dim=-1)
+    return (p * (logp - p_new)).sum(-1)
+
+
+def kl_relative_similarity(
+    model: nn.Module,
+    x,
+    y,
+    x_probe=None,
+    *,
+    lr: float = 1e-4,
+    optimizer: OptimizerSpec = "adam",
+    kl_mode: str = "true",
+    loss: LossSpec = "cross_entropy",
+    eval_mode: bool = True,
+) -> Tensor:
+    """Dan et al.'s KL relative similarity (arXiv 2111.01166), [Mu, Mp]:
+
+        S_rel^KL(x_i, x'_j) = KL(g(x'_j; w) || g(x'_j; w_i+)) / KL(g(x_i; w) || g(x_i; w_i+)),
+
+    g = softmax of the logits, w_i+ one fresh optimizer step at (x_i, y_i) (Adam with lr 1e-4 in
+    their protocol). Row = update example, column = probe.
+
+    ``kl_mode="true"`` (default, **[package choice]**): the KL divergence, computed in float64
+    without cancellation (it is second order in the step).
+
+    ``kl_mode="compat"`` reproduces the released code's formula. torch's
+    ``F.kl_div(input, target)`` computes sum target * (log target - input) and expects ``input``
+    to be log-probabilities, so KL(g || g+) is ``kl_div(log g+, g)``; the released code passes
+    the probabilities g+ as ``input`` (background.md section 1), which gives
+
+        sum_a g_a (log g_a - g+_a)
+
+    (not a divergence: it does not vanish when nothing changes). This reading of the code is
+    taken from that description; torch's reduction (mean over elements) scales numerator and
+    denominator alike and cancels in the ratio.
+    """
+    if kl_mode not in ("true", "compat"):
+        raise ValueError(f"kl_mode must be 'true' or 'compat', got {kl_mode!r}")
+    ch = one_step_changes(model, x, y, x_probe, lr=lr, method="step", optimizer=optimizer,
+                          loss=loss, output="logits", eval_mode=eval_mode)
+    return _kl_ratio(ch, kl_mode)
+
+
+def _kl_ratio(ch: StepChanges, kl_mode: str) -> Tensor:
+    num = _kl_from_logits(ch.before_probe[None].expand_as(ch.delta), ch.delta, kl_mode)
+    den = _kl_from_logits(ch.before_self, ch.self_delta, kl_mode)
+    return (num / den[:, None]).to(ch.delta.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# pairwise matrices and class-pair summaries
+# --------------------------------------------------------------------------------------------
+def symmetrize(s: Tensor, normalize: bool = False) -> Tensor:
+    """(S + S^T) / 2; with ``normalize``, then S_ij / sqrt(S_ii S_jj) (a normalised kernel,
+    diagonal 1; needs a positive diagonal)."""
+    s = torch.as_tensor(s)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"S must be a square matrix, got shape {tuple(s.shape)}")
+    s = 0.5 * (s + s.T)
+    if normalize:
+        d = torch.diagonal(s)
+        if bool((d <= 0).any()):
+            raise ValueError("normalize=True needs a positive diagonal")
+        s = s / torch.sqrt(d[:, None] * d[None, :])
+    return s
+
+
+def similarity_matrix(
+    model: nn.Module,
+    x,
+    y,
+    *,
+    kind: str = "relative",
+    symmetric: bool = True,
+    normalize: bool = False,
+    **kwargs,
+) -> Tensor:
+    """Pairwise similarity over a data set, [M, M], row = update example, column = probe.
+
+    ``kind``: "relative" (S_rel), "kernelized" (S_ker) or "kl" (Dan et al.'s S_rel^KL; explicit
+    step, keyword arguments of :func:`kl_relative_similarity`). ``symmetric``: return
+    (S + S^T)/2 (He & Su). ``normalize``: the normalised kernel S_ij / sqrt(S_ii S_jj) (for
+    "kernelized"). Other keyword arguments go to :func:`one_step_changes`; the default
+    ``method="ntk"`` computes the eta -> 0 limit in batches through the empirical NTK.
+    """
+    if kind == "relative":
+        s = relative_similarity(model, x, y, **kwargs)
+    elif kind == "kernelized":
+        s = kernelized_similarity(model, x, y, **kwargs)
+    elif kind == "kl":
+        s = kl_relative_similarity(model, x, y, **kwargs)
+    else:
+        raise ValueError(f"kind must be 'relative', 'kernelized' or 'kl', got {kind!r}")
+    if normalize and not symmetric:
+        d = torch.diagonal(s)
+        return s / torch.sqrt(d[:, None] * d[None, :])
+    return symmetrize(s, normalize) if symmetric else s
+
+
+def class_pair_means(s, y_rows, y_cols=None, num_classes: Optional[int] = None,
+                     exclude_self: bool = True) -> Tensor:
+    """Mean of S[i, j] over i in class k (rows) and j in class k' (columns): [K, K].
+
+    ``y_cols`` defaults to ``y_rows`` (a square matrix over one set); then ``exclude_self``
+    leaves out the i = j entries. nan where a class pair has no entries.
+    """
+    s = torch.as_tensor(s)
+    yr = torch.as_tensor(y_rows).long().to(s.device)
+    same = y_cols is None
+    yc = yr if same else torch.as_tensor(y_cols).long().to(s.device)
+    if s.shape != (yr.shape[0], yc.shape[0]):
+        raise ValueError(f"S has shape {tuple(s.shape)}, labels give "
+                         f"({yr.shape[0]}, {yc.shape[0]})")
+    k = int(num_classes) if num_classes is not None else int(max(yr.max(), yc.max())) + 1
+    valid = torch.isfinite(s)
+    if same and exclude_self:
+        valid &= ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    w = valid.to(s.dtype)
+    vals = torch.where(valid, s, torch.zeros((), dtype=s.dtype))
+    a, b = F.one_hot(yr, k).to(s.dtype), F.one_hot(yc, k).to(s.dtype)
+    num, den = a.T @ vals @ b, a.T @ w @ b
+    return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
