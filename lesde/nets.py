@@ -26,7 +26,18 @@ All networks work with ``torch.func.functional_call`` combined with ``vmap`` and
 *train* mode is not a per-example function: it mixes the examples of a batch and updates its
 running statistics in place, so it cannot be vmapped per example. Do per-example measurements
 (gradients, empirical NTK, one-step probes) in eval mode (``net.eval()``, BatchNorm then uses its
-running statistics, passed as buffers to ``functional_call``) or with ``batchnorm=False``.
+running statistics, passed as buffers to ``functional_call``) or with ``batchnorm=False``::
+
+    net.eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = {k: v.detach() for k, v in net.named_buffers()}
+
+    def loss(p, x, y):  # one example; x without its batch dimension
+        logits = torch.func.functional_call(net, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+    # grads[name] has shape (B, *param.shape)
 
 Both float32 and float64 work (``net.double()``).
 """

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from lesde.nets import MLP, NETS, FeatureNet, LeNet, ResNet18, ResNet20, build_net
 
@@ -213,6 +213,28 @@ def test_per_example_gradients_match_backward_loop(case):
         F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]).backward()
         for name, p in net.named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet18_nobn"])
+def test_per_example_jacobians_of_logits(case):
+    """vmap(jacrev) of the logits over the parameters (what the empirical NTK needs) equals one
+    backward pass per example and output."""
+    make, shape = _PER_EXAMPLE[case]
+    torch.manual_seed(0)
+    net = make().double().eval()
+    x = torch.randn(2, *shape[1:], dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def logits(p, xi):
+        return functional_call(net, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(logits), in_dims=(None, 0))(params, x)
+    for i in range(2):
+        for k in range(net.num_classes):
+            net.zero_grad()
+            net(x[i : i + 1])[0, k].backward()
+            for name, p in net.named_parameters():
+                torch.testing.assert_close(jac[name][i, k], p.grad, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
