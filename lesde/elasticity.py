@@ -788,3 +788,347 @@ def class_pair_means(s, y_rows, y_cols=None, num_classes: Optional[int] = None,
     a, b = F.one_hot(yr, k).to(s.dtype), F.one_hot(yc, k).to(s.dtype)
     num, den = a.T @ vals @ b, a.T @ w @ b
     return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
+
+
+# --------------------------------------------------------------------------------------------
+# clustering with local elasticity (He & Su)
+# --------------------------------------------------------------------------------------------
+def clustering_accuracy(true, pred) -> float:
+    """Accuracy of a clustering under the best one-to-one matching of clusters to classes.
+
+    The matching maximises the number of agreements (Hungarian algorithm,
+    ``scipy.optimize.linear_sum_assignment`` on the confusion matrix). For two clusters and two
+    classes this is He & Su's score 0.5 + |acc - 0.5|.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    t = np.asarray(true).reshape(-1)
+    p = np.asarray(pred).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred must have the same length, got {t.size} and {p.size}")
+    if t.size == 0:
+        raise ValueError("empty labelling")
+    _, ti = np.unique(t, return_inverse=True)
+    _, pi = np.unique(p, return_inverse=True)
+    conf = np.zeros((ti.max() + 1, pi.max() + 1), dtype=np.int64)
+    np.add.at(conf, (ti, pi), 1)
+    rows, cols = linear_sum_assignment(-conf)
+    return float(conf[rows, cols].sum() / t.size)
+
+
+def kernel_kmeans(gram, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
+                  seed: int = 0) -> np.ndarray:
+    """Kernel K-means (Lloyd iterations in the feature space of a Gram matrix).
+
+    Squared distance of point i to the mean of cluster C in feature space:
+
+        K_ii - (2/|C|) sum_{j in C} K_ij + (1/|C|^2) sum_{j, l in C} K_jl.
+
+    Initialisation by kernel k-means++ (``n_init`` restarts from ``numpy.random.default_rng
+    (seed)``); the labelling with the smallest within-cluster sum of squared distances is
+    returned [n] (integers 0..n_clusters-1). An empty cluster takes the point farthest from its
+    own cluster's mean. ``gram`` [n, n] should be symmetric positive semi-definite (e.g. a
+    symmetrised S_ker or an NTK); other symmetric matrices are accepted (the iterations then
+    need not decrease the objective, and stop after ``max_iter``).
+    """
+    K = np.asarray(gram, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"gram must be a square matrix, got shape {K.shape}")
+    n, k = K.shape[0], int(n_clusters)
+    if not 1 <= k <= n:
+        raise ValueError(f"n_clusters must be in 1..{n}, got {n_clusters}")
+    K = 0.5 * (K + K.T)
+    diag = np.diag(K)
+    rng = np.random.default_rng(seed)
+    best, best_obj = None, np.inf
+    for _ in range(max(1, int(n_init))):
+        centres = [int(rng.integers(n))]
+        d2 = np.maximum(diag - 2 * K[:, centres[0]] + K[centres[0], centres[0]], 0)
+        for _c in range(1, k):
+            prob = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
+            c = int(rng.choice(n, p=prob))
+            centres.append(c)
+            d2 = np.minimum(d2, np.maximum(diag - 2 * K[:, c] + K[c, c], 0))
+        cen = np.asarray(centres)
+        labels = np.argmin(diag[:, None] - 2 * K[:, cen] + K[cen, cen][None, :], axis=1)
+        for _it in range(int(max_iter)):
+            dist = _kernel_distances(K, diag, labels, k)
+            own = dist[np.arange(n), labels]
+            new = np.argmin(dist, axis=1)
+            for c in range(k):  # refill empty clusters
+                if not np.any(new == c):
+                    far = int(np.argmax(own))
+                    new[far] = c
+                    own[far] = -np.inf
+            if np.array_equal(new, labels):
+                break
+            labels = new
+        dist = _kernel_distances(K, diag, labels, k)
+        obj = float(dist[np.arange(n), labels].sum())
+        if obj < best_obj:
+            best, best_obj = labels.copy(), obj
+    return best
+
+
+def _kernel_distances(K, diag, labels, k):
+    onehot = np.zeros((K.shape[0], k))
+    onehot[np.arange(K.shape[0]), labels] = 1.0
+    counts = np.maximum(onehot.sum(0), 1.0)
+    ko = K @ onehot
+    within = np.einsum("ic,ic->c", onehot, ko) / counts ** 2
+    return diag[:, None] - 2 * ko / counts[None, :] + within[None, :]
+
+
+def le_cluster(s_rel, s_ker, n_clusters: int = 2, *, seed: int = 0) -> Dict[str, np.ndarray]:
+    """He & Su's local-elasticity clusterings of symmetric similarity matrices [n, n].
+
+    Returns labels [n] for ``"kmeans_rel"`` (K-means on the rows of S_rel, scikit-learn),
+    ``"spectral_rel"`` (spectral clustering with S_rel as the precomputed affinity; negative
+    entries, possible for finite steps, are clipped to 0) and ``"kernel_kmeans_ker"`` (kernel
+    K-means with S_ker as the Gram matrix, :func:`kernel_kmeans`). Either matrix may be None
+    to skip its methods.
+    """
+    from sklearn.cluster import KMeans, SpectralClustering
+
+    out: Dict[str, np.ndarray] = {}
+    if s_rel is not None:
+        a = np.asarray(torch.as_tensor(s_rel).detach().cpu(), dtype=np.float64)
+        out["kmeans_rel"] = KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(a)
+        out["spectral_rel"] = SpectralClustering(
+            n_clusters, affinity="precomputed", random_state=seed
+        ).fit_predict(np.clip(0.5 * (a + a.T), 0, None))
+    if s_ker is not None:
+        g = np.asarray(torch.as_tensor(s_ker).detach().cpu(), dtype=np.float64)
+        out["kernel_kmeans_ker"] = kernel_kmeans(g, n_clusters, seed=seed)
+    return out
+
+
+def baseline_cluster(x, n_clusters: int = 2, *, seed: int = 0,
+                     pca_components: int = 100) -> Dict[str, np.ndarray]:
+    """He & Su's baselines on the flattened inputs [n, ...]: ``"kmeans_raw"`` (K-means on raw
+    pixels) and ``"pca_kmeans"`` (PCA to min(pca_components, n, d) dimensions, then K-means)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    a = np.asarray(torch.as_tensor(x).detach().cpu(), dtype=np.float64).reshape(len(x), -1)
+    comps = int(min(pca_components, a.shape[0], a.shape[1]))
+    z = PCA(comps, random_state=seed).fit_transform(a)
+    return {
+        "kmeans_raw": KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(a),
+        "pca_kmeans": KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(z),
+    }
+
+
+def train_classifier(model: nn.Module, x, y, *, epochs: int = 10, lr: float = 0.01,
+                     batch_size: int = 32, loss: LossSpec = "bce", momentum: float = 0.0,
+                     optimizer: str = "sgd", seed: int = 0, progress: bool = False) -> list:
+    """Train ``model`` in place by minibatch SGD (or Adam) on the mean per-sample loss.
+
+    Shuffling uses ``torch.Generator().manual_seed(seed)``. Returns the mean training loss of
+    each epoch. A plain loop for the clustering and locality experiments here; the package's
+    training logger (``lesde.tracking``) is the tool for logged runs.
+    """
+    loss_fn = _loss_fn(loss)
+    p0 = next(model.parameters())
+    x = torch.as_tensor(x).to(device=p0.device, dtype=p0.dtype)
+    y = torch.as_tensor(y).to(p0.device)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n, history = x.shape[0], []
+    it = range(int(epochs))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="train", leave=False)
+    model.train()
+    for _ in it:
+        perm = torch.randperm(n, generator=gen).to(p0.device)
+        total = 0.0
+        for start in range(0, n, int(batch_size)):
+            idx = perm[start:start + int(batch_size)]
+            opt.zero_grad()
+            out = model(x[idx]).reshape(len(idx), -1)
+            batch_loss = loss_fn(out, y[idx]).mean()
+            batch_loss.backward()
+            opt.step()
+            total += float(batch_loss.detach()) * len(idx)
+        history.append(total / n)
+    return history
+
+
+@dataclass
+class ClusteringResult:
+    """Result of :func:`cluster_pair`: ``accuracy`` (method -> score), ``labels`` (method ->
+    predicted clusters [n]), the symmetrised matrices ``s_rel`` and ``s_ker`` [n, n] (row =
+    update example, column = probe, before symmetrising), and the training ``history``."""
+
+    accuracy: Dict[str, float]
+    labels: Dict[str, np.ndarray]
+    s_rel: Tensor
+    s_ker: Tensor
+    history: list = field(default_factory=list)
+
+
+def cluster_pair(
+    model: nn.Module,
+    x_primary,
+    labels_primary,
+    x_aux,
+    *,
+    epochs: int = 20,
+    lr: float = 0.01,
+    batch_size: int = 32,
+    loss: LossSpec = "bce",
+    method: str = "ntk",
+    probe_lr: float = 1e-4,
+    normalize_kernel: bool = False,
+    baselines: bool = True,
+    pca_components: int = 100,
+    seed: int = 0,
+    chunk: Optional[int] = None,
+    progress: bool = False,
+) -> ClusteringResult:
+    """He & Su's local-elasticity clustering of a primary pair of classes (ICLR 2020).
+
+    1. Train ``model`` (scalar output, q = 1) in place to output 1 on the primary examples (both
+       classes together, [n, ...]) and 0 on the auxiliary examples [n_aux, ...] (``loss`` "bce"
+       or "mse"; minibatch SGD, ``epochs``, ``lr``, ``batch_size``, shuffling from ``seed``).
+    2. Probe: for every primary example x_i, one SGD step at (x_i, 1) of size ``probe_lr``
+       (``method="step"``) or its exact eta -> 0 limit (``method="ntk"``, default, batched), and
+       the change Delta_i f at every primary example: S_rel, S_ker [n, n] (row = update example,
+       column = probe), symmetrised (S + S^T)/2; ``normalize_kernel`` uses
+       S_ij / sqrt(S_ii S_jj) for the kernel.
+    3. Cluster into two (:func:`le_cluster`) and, with ``baselines``, K-means on raw pixels and
+       PCA(``pca_components``) + K-means (:func:`baseline_cluster`); score each with
+       :func:`clustering_accuracy` against ``labels_primary`` [n].
+    """
+    p0 = next(model.parameters())
+    xp = torch.as_tensor(x_primary).to(device=p0.device, dtype=p0.dtype)
+    xa = torch.as_tensor(x_aux).to(device=p0.device, dtype=p0.dtype)
+    truth = np.asarray(torch.as_tensor(labels_primary).cpu()).reshape(-1)
+    if truth.shape[0] != xp.shape[0]:
+        raise ValueError(f"labels_primary must have one label per primary example "
+                         f"({xp.shape[0]}), got {truth.shape[0]}")
+    n_clusters = len(np.unique(truth))
+    with torch.no_grad():
+        q = model(xp[:1]).reshape(1, -1).shape[1]
+    if q != 1:
+        raise ValueError(f"cluster_pair needs a scalar-output model (num_classes=1), got {q}")
+    x_train = torch.cat([xp, xa])
+    y_train = torch.cat([torch.ones(len(xp)), torch.zeros(len(xa))]).to(p0.device)
+    history = train_classifier(model, x_train, y_train, epochs=epochs, lr=lr,
+                               batch_size=batch_size, loss=loss, seed=seed, progress=progress)
+    ch = one_step_changes(model, xp, torch.ones(len(xp), device=p0.device), lr=probe_lr,
+                          method=method, loss=loss, chunk=chunk)
+    s_rel = symmetrize(ch.relative())
+    s_ker = symmetrize(ch.kernelized(), normalize=normalize_kernel)
+    labels = le_cluster(s_rel, s_ker, n_clusters, seed=seed)
+    if baselines:
+        labels.update(baseline_cluster(xp.cpu(), n_clusters, seed=seed,
+                                       pca_components=pca_components))
+    acc = {name: clustering_accuracy(truth, lab) for name, lab in labels.items()}
+    return ClusteringResult(accuracy=acc, labels=labels, s_rel=s_rel, s_ker=s_ker,
+                            history=history)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic check of locality: two interlocking curves on a torus (He & Su)
+# --------------------------------------------------------------------------------------------
+def torus_curves(n_per_class: int = 50, *, r: float = 8.0, k: int = 4,
+                 seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """He & Su's two interlocking closed curves on a torus, theta ~ U[-pi, pi].
+
+    Class 1: (r cos t + sin(kt) cos t, r sin t + sin(kt) sin t,  cos(kt));
+    class 0: (r cos t - sin(kt) cos t, r sin t - sin(kt) sin t, -cos(kt)).
+    Returns x [2n, 3] (float64; class 1 first), y [2n] (1 then 0), theta [2n].
+    """
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(-np.pi, np.pi, size=(2, int(n_per_class)))
+    xs = []
+    for sign, th in zip((1.0, -1.0), t):
+        s = sign * np.sin(k * th)
+        xs.append(np.stack([r * np.cos(th) + s * np.cos(th), r * np.sin(th) + s * np.sin(th),
+                            sign * np.cos(k * th)], axis=1))
+    x = torch.as_tensor(np.concatenate(xs), dtype=torch.float64)
+    y = torch.cat([torch.ones(n_per_class), torch.zeros(n_per_class)]).long()
+    return x, y, torch.as_tensor(t.reshape(-1), dtype=torch.float64)
+
+
+def geodesic_distance(theta1, theta2) -> Tensor:
+    """Distance along a closed curve: min(|dtheta|, 2 pi - |dtheta|), broadcasting."""
+    d = torch.remainder(torch.as_tensor(theta1) - torch.as_tensor(theta2), 2 * math.pi)
+    return torch.minimum(d, 2 * math.pi - d)
+
+
+@dataclass
+class LocalityResult:
+    """Result of :func:`torus_locality`: the Pearson correlation between S_rel and geodesic
+    distance over ordered same-class pairs, the pairs' ``distance`` and ``s_rel`` (1-D), the
+    training accuracy and final loss, and the trained ``model``."""
+
+    pearson: float
+    distance: np.ndarray
+    s_rel: np.ndarray
+    train_accuracy: float
+    final_loss: float
+    model: nn.Module
+
+
+def torus_locality(
+    activation: Optional[str] = "relu",
+    *,
+    model: Optional[nn.Module] = None,
+    n_per_class: int = 50,
+    hidden: int = 1024,
+    steps: int = 2000,
+    lr: float = 0.01,
+    loss: LossSpec = "bce",
+    method: str = "ntk",
+    probe_lr: float = 1e-4,
+    seed: int = 0,
+) -> LocalityResult:
+    """He & Su's synthetic locality check (background.md section 1).
+
+    Data from :func:`torus_curves` (``seed``); a one-hidden-layer MLP of width ``hidden`` with
+    ``activation`` ("relu", or None for the same network without activation;
+    ``lesde.nets.MLP``, float64, initialised under ``torch.manual_seed(seed)`` without touching
+    the global RNG) or a given scalar-output ``model``; ``steps`` full-batch SGD steps of size
+    ``lr``; then S_rel(x, x') for all ordered same-class pairs x != x' (``method="ntk"``: the
+    exact eta -> 0 limit |K(x, x')| / K(x, x)) against the geodesic distance
+    min(|dtheta|, 2 pi - |dtheta|). Locality shows as a negative Pearson correlation.
+    """
+    x, y, theta = torus_curves(n_per_class, seed=seed)
+    if model is None:
+        from .nets import MLP
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MLP(3, hidden=(int(hidden),), num_classes=1, activation=activation).double()
+    p0 = next(model.parameters())
+    x = x.to(device=p0.device, dtype=p0.dtype)
+    yt = y.to(device=p0.device, dtype=p0.dtype)
+    loss_fn = _loss_fn(loss)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        out = model(x).reshape(len(x), 1)
+        batch_loss = loss_fn(out, yt).mean()
+        batch_loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = model(x).reshape(-1)
+        final = float(loss_fn(out[:, None], yt).mean())
+        pred = (out > 0).long() if loss == "bce" else (out > 0.5).long()
+        acc = float((pred.cpu() == y).double().mean())
+    s = relative_similarity(model, x, yt, lr=probe_lr, method=method, loss=loss).cpu()
+    d = geodesic_distance(theta[:, None], theta[None, :])
+    mask = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
+    sv, dv = s[mask].numpy(), d[mask].numpy()
+    pearson = float(np.corrcoef(sv, dv)[0, 1])
+    return LocalityResult(pearson=pearson, distance=dv, s_rel=sv, train_accuracy=acc,
+                          final_loss=final, model=model)

@@ -1,5 +1,6 @@
 """Tests of lesde.elasticity: empirical NTK, direct impact measurement, similarity measures."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -224,3 +225,300 @@ def test_impacts_chunked_equals_unchunked_and_validates():
         el.measure_impacts(net, x, y, lr=0.1, num_classes=2)
     with pytest.raises(ValueError, match="loss"):
         el.measure_impacts(net, x, y, lr=0.1, loss="hinge")
+
+
+def test_impacts_on_package_nets():
+    """ResNet-18 (BatchNorm, evaluated in eval mode) and MLP from lesde.nets."""
+    from lesde.nets import MLP, ResNet18
+
+    torch.manual_seed(8)
+    net = ResNet18(num_classes=3, width=1 / 16)
+    net.train()
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0])
+    for output, q in (("logits", 3), ("features", net.feature_dim)):
+        res = el.measure_impacts(net, x, y, lr=0.1, output=output)
+        assert res.E.shape == (3, 3) and res.delta.shape == (4, 4, q)
+        assert torch.isfinite(res.pair_impacts).all()
+    assert net.training  # mode restored
+    mlp = MLP(4, hidden=(8,), num_classes=3).to(DT)
+    xm, ym = _data(6)
+    res = el.measure_impacts(mlp, xm, ym, lr=1.0, output="features")
+    fd = _sgd_step_change(mlp, xm, xm[2], ym[2], 1e-6, "features")
+    torch.testing.assert_close(fd, res.delta[:, 2], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# He & Su's similarities
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ntk", "step"])
+def test_similarity_linear_model_exact(method):
+    """f(x) = w.x + c is linear in its parameters: S_ker = x.x' + 1 for every step size."""
+    torch.manual_seed(9)
+    lin = nn.Linear(3, 1).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    gram = x @ x.T + 1
+    for loss in ("bce", "mse"):
+        sk = el.kernelized_similarity(lin, x, y, lr=0.5, method=method, loss=loss)
+        torch.testing.assert_close(sk, gram, rtol=1e-10, atol=1e-10)
+        sr = el.relative_similarity(lin, x, y, lr=0.5, method=method, loss=loss)
+        torch.testing.assert_close(sr, gram.abs() / gram.diagonal()[:, None],
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("q,loss", [(1, "bce"), (3, "cross_entropy")])
+def test_finite_eta_converges_to_ntk_limit(q, loss):
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, q)).to(DT)
+    x, y = _data(6, k=2 if q == 1 else 3)
+    lim = el.one_step_changes(net, x, y, loss=loss)
+    if q == 1:  # the limit is the NTK itself
+        K = el.empirical_ntk(net, x)[:, :, 0, 0]
+        torch.testing.assert_close(lim.kernelized(), K, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lim.relative(), K.abs() / K.diagonal()[:, None])
+    errs = []
+    for eta in (1e-2, 1e-3, 1e-4):
+        st = el.one_step_changes(net, x, y, lr=eta, method="step", loss=loss)
+        errs.append((float((st.kernelized() - lim.kernelized()).abs().max()),
+                     float((st.relative() - lim.relative()).abs().max())))
+    for a, b in zip(errs[:-1], errs[1:]):  # O(eta)
+        assert b[0] < 0.15 * a[0] and b[1] < 0.15 * a[1]
+    assert errs[-1][0] < 1e-3 and errs[-1][1] < 1e-3
+
+
+def test_similarity_with_separate_probes():
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).to(DT)
+    x, y = _data(6)
+    full = el.one_step_changes(net, x, y)
+    part = el.one_step_changes(net, x, y, x[:4])
+    torch.testing.assert_close(part.delta, full.delta[:, :4])
+    torch.testing.assert_close(part.self_delta, full.self_delta)
+    torch.testing.assert_close(el.relative_similarity(net, x, y, x[:4]), full.relative()[:, :4])
+    step = el.one_step_changes(net, x, y, x[:4], method="step", lr=1e-3)
+    full_step = el.one_step_changes(net, x, y, method="step", lr=1e-3)
+    torch.testing.assert_close(step.delta, full_step.delta[:, :4])
+    torch.testing.assert_close(step.self_delta, full_step.self_delta)
+
+
+def test_adam_and_custom_optimizer_steps():
+    """A fresh Adam step is lr * g / (|g| + eps) per parameter; a factory is used as given."""
+    torch.manual_seed(12)
+    lin = nn.Linear(3, 1).to(DT)
+    x = torch.randn(4, 3, dtype=DT)
+    y = torch.tensor([1, 0, 1, 0])
+    lr = 1e-3
+    ch = el.one_step_changes(lin, x, y, lr=lr, method="step", optimizer="adam", loss="bce")
+    for i in range(4):
+        s = float(ch.loss_grad[i, 0])
+        gw, gb = s * x[i], torch.tensor(s, dtype=DT)
+        dw = -lr * gw / (gw.abs() + 1e-8)
+        db = -lr * gb / (gb.abs() + 1e-8)
+        torch.testing.assert_close(ch.delta[i, :, 0], x @ dw + db, rtol=1e-9, atol=1e-15)
+    calls = []
+
+    def factory(params, step):
+        calls.append(step)
+        return torch.optim.SGD(params, lr=step, momentum=0.9)
+
+    a = el.one_step_changes(lin, x, y, lr=lr, method="step", optimizer=factory, loss="bce")
+    b = el.one_step_changes(lin, x, y, lr=lr, method="step", optimizer="sgd", loss="bce")
+    torch.testing.assert_close(a.delta, b.delta)  # momentum does not act on a first step
+    assert calls == [lr] * 4
+    with pytest.raises(ValueError, match="eta -> 0"):
+        el.one_step_changes(lin, x, y, optimizer="adam")
+    with pytest.raises(ValueError, match="optimizer"):
+        el.one_step_changes(lin, x, y, method="step", optimizer="lbfgs")
+
+
+# --------------------------------------------------------------------------------------------
+# Dan et al.'s KL relative similarity
+# --------------------------------------------------------------------------------------------
+def test_kl_helper_true_and_compat():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 4, generator=g, dtype=DT)
+    dz = 0.3 * torch.randn(7, 4, generator=g, dtype=DT)
+    p, pn = torch.softmax(z, -1), torch.softmax(z + dz, -1)
+    true = (p * (p.log() - pn.log())).sum(-1)
+    torch.testing.assert_close(el._kl_from_logits(z, dz, "true"), true, rtol=1e-10, atol=1e-14)
+    # the compat formula is exactly torch's kl_div with probabilities passed as its input
+    compat = F.kl_div(pn, p, reduction="none").sum(-1)
+    torch.testing.assert_close(el._kl_from_logits(z, dz, "compat"), compat)
+    # the true KL vanishes when nothing changes, the compat value does not
+    zero = torch.zeros_like(dz)
+    assert float(el._kl_from_logits(z, zero, "true").abs().max()) == 0.0
+    assert float(el._kl_from_logits(z, zero, "compat").abs().min()) > 0.1
+    # tiny steps: no cancellation (second order, matches 0.5 dz^T (diag p - p p^T) dz)
+    tiny = 1e-7 * dz
+    fisher = 0.5 * ((tiny ** 2 * p).sum(-1) - (tiny * p).sum(-1) ** 2)
+    torch.testing.assert_close(el._kl_from_logits(z, tiny, "true"), fisher, rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:reduction")
+def test_kl_relative_similarity():
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).to(DT)
+    x, y = _data(6)
+    s = el.kl_relative_similarity(net, x, y, lr=1e-4)
+    assert s.shape == (6, 6)
+    torch.testing.assert_close(s.diagonal(), torch.ones(6, dtype=DT))
+    assert bool((s >= 0).all())
+    # compat mode: the ratio of torch's kl_div (default 'mean' reduction) of probabilities
+    ch = el.one_step_changes(net, x, y, lr=1e-4, method="step", optimizer="adam")
+    p0 = torch.softmax(ch.before_probe, -1)
+    ref = torch.empty(6, 6, dtype=DT)
+    for i in range(6):
+        ps = torch.softmax(ch.before_self[i] + ch.self_delta[i], -1)
+        den = F.kl_div(ps[None], p0[i][None])
+        for j in range(6):
+            pn = torch.softmax(ch.before_probe[j] + ch.delta[i, j], -1)
+            ref[i, j] = F.kl_div(pn[None], p0[j][None]) / den
+    sc = el.kl_relative_similarity(net, x, y, lr=1e-4, kl_mode="compat")
+    torch.testing.assert_close(sc, ref)
+    # SGD, eta -> 0: ratio of the Fisher quadratic forms of the first-order logit changes
+    lim = el.one_step_changes(net, x, y)
+    p = torch.softmax(lim.before_probe, -1)
+
+    def quad(d, pp):
+        return (d ** 2 * pp).sum(-1) - (d * pp).sum(-1) ** 2
+
+    expected = quad(lim.delta, p[None]) / quad(lim.self_delta, p)[:, None]
+    s_sgd = el.kl_relative_similarity(net, x, y, lr=1e-6, optimizer="sgd")
+    torch.testing.assert_close(s_sgd, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="kl_mode"):
+        el.kl_relative_similarity(net, x, y, kl_mode="torch")
+
+
+# --------------------------------------------------------------------------------------------
+# matrices and summaries
+# --------------------------------------------------------------------------------------------
+def test_symmetrize_matrix_and_class_means():
+    s = torch.tensor([[4.0, 1.0], [3.0, 1.0]])
+    torch.testing.assert_close(el.symmetrize(s), torch.tensor([[4.0, 2.0], [2.0, 1.0]]))
+    torch.testing.assert_close(el.symmetrize(s, normalize=True),
+                               torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="square"):
+        el.symmetrize(torch.ones(2, 3))
+    m = torch.arange(16.0).reshape(4, 4)
+    y = torch.tensor([0, 0, 1, 1])
+    cm = el.class_pair_means(m, y)
+    torch.testing.assert_close(cm, torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    cm2 = el.class_pair_means(m, y, exclude_self=False)
+    torch.testing.assert_close(cm2, torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    cm3 = el.class_pair_means(m[:, :2], y, torch.tensor([1, 1]), num_classes=2)
+    assert torch.isnan(cm3[:, 0]).all()
+    torch.testing.assert_close(cm3[:, 1], torch.tensor([2.5, 10.5]))
+
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).to(DT)
+    x, yy = _data(5, k=2)
+    sk = el.similarity_matrix(net, x, yy, kind="kernelized", normalize=True, loss="bce")
+    torch.testing.assert_close(sk, sk.T)
+    torch.testing.assert_close(sk.diagonal(), torch.ones(5, dtype=DT))
+    K = el.empirical_ntk(net, x)[:, :, 0, 0]
+    torch.testing.assert_close(sk, K / torch.sqrt(K.diagonal()[:, None] * K.diagonal()))
+    with pytest.raises(ValueError, match="kind"):
+        el.similarity_matrix(net, x, yy, kind="cosine")
+
+
+# --------------------------------------------------------------------------------------------
+# clustering
+# --------------------------------------------------------------------------------------------
+def test_clustering_accuracy():
+    t = np.array([0, 0, 0, 1, 1, 1])
+    assert el.clustering_accuracy(t, [1, 1, 1, 0, 0, 0]) == 1.0
+    assert el.clustering_accuracy(t, [0, 0, 1, 1, 1, 1]) == pytest.approx(5 / 6)
+    # two clusters: 0.5 + |acc - 0.5|
+    for pred in ([0, 1, 1, 0, 0, 1], [1, 1, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]):
+        acc = float(np.mean(np.asarray(pred) == t))
+        assert el.clustering_accuracy(t, pred) == pytest.approx(0.5 + abs(acc - 0.5))
+    t3 = np.array([0, 0, 1, 1, 2, 2])
+    assert el.clustering_accuracy(t3, [2, 2, 0, 0, 1, 1]) == 1.0
+    assert el.clustering_accuracy(t3, [2, 2, 0, 0, 0, 1]) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="same length"):
+        el.clustering_accuracy(t, [0, 1])
+
+
+def test_kernel_kmeans_known_clusterings():
+    from sklearn.cluster import KMeans
+
+    # two concentric circles: K-means on the points fails, kernel K-means with the
+    # kernel <phi(x), phi(x')> of phi(x) = |x|^2 separates them exactly
+    rng = np.random.default_rng(0)
+    ang = rng.uniform(0, 2 * np.pi, 200)
+    rad = np.repeat([1.0, 3.0], 100)
+    pts = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)
+    truth = np.repeat([0, 1], 100)
+    phi = (pts ** 2).sum(1)
+    labels = el.kernel_kmeans(np.outer(phi, phi) + 1.0, 2, seed=0)
+    assert el.clustering_accuracy(truth, labels) == 1.0
+    plain = KMeans(2, n_init=10, random_state=0).fit_predict(pts)
+    assert el.clustering_accuracy(truth, plain) < 0.75
+    # a noisy block Gram matrix with three blocks of unequal size
+    sizes = [10, 25, 15]
+    t3 = np.repeat(np.arange(3), sizes)
+    feats = np.eye(3)[t3] + 0.2 * rng.standard_normal((50, 3))
+    lab3 = el.kernel_kmeans(feats @ feats.T, 3, seed=1)
+    assert el.clustering_accuracy(t3, lab3) == 1.0
+    # the linear kernel reproduces ordinary K-means' objective optimum on separated blobs
+    assert len(np.unique(el.kernel_kmeans(np.eye(4), 4))) == 4
+    with pytest.raises(ValueError, match="n_clusters"):
+        el.kernel_kmeans(np.eye(3), 5)
+
+
+def test_cluster_pair_on_sklearn_digits():
+    """The whole He & Su pipeline on scikit-learn's 8x8 digits (3 vs 5), in seconds."""
+    from sklearn.datasets import load_digits
+
+    from lesde.nets import MLP
+
+    X, Y = load_digits(return_X_y=True)
+    X = X / 16.0
+    rng = np.random.default_rng(0)
+    prim = np.concatenate([rng.choice(np.where(Y == d)[0], 80, replace=False) for d in (3, 5)])
+    aux = rng.choice(np.where((Y != 3) & (Y != 5))[0], 120, replace=False)
+    torch.manual_seed(0)
+    net = MLP(64, hidden=(128,), num_classes=1).to(DT)
+    res = el.cluster_pair(net, X[prim], Y[prim], X[aux], epochs=15, lr=0.05, seed=0)
+    assert set(res.accuracy) == {"kmeans_rel", "spectral_rel", "kernel_kmeans_ker",
+                                 "kmeans_raw", "pca_kmeans"}
+    assert res.history[-1] < res.history[0]
+    for name, acc in res.accuracy.items():
+        assert 0.5 <= acc <= 1.0
+        assert acc > 0.75, (name, acc)  # 3 vs 5 is easy: all methods cluster it well
+    assert res.s_rel.shape == (160, 160)
+    torch.testing.assert_close(res.s_rel, res.s_rel.T)
+    with pytest.raises(ValueError, match="scalar-output"):
+        el.cluster_pair(MLP(64, hidden=(8,), num_classes=2), X[prim], Y[prim], X[aux])
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic locality check on the torus
+# --------------------------------------------------------------------------------------------
+def test_torus_curves():
+    x, y, theta = el.torus_curves(20, seed=3)
+    assert x.shape == (40, 3) and y.tolist() == [1] * 20 + [0] * 20
+    # both curves lie on the torus (distance r from the z axis circle, radius 1 tube)
+    rho = torch.sqrt(x[:, 0] ** 2 + x[:, 1] ** 2)
+    torch.testing.assert_close((rho - 8) ** 2 + x[:, 2] ** 2, torch.ones(40, dtype=DT))
+    x2, _, _ = el.torus_curves(20, seed=3)
+    assert torch.equal(x, x2)
+    d = el.geodesic_distance(torch.tensor([3.0, -3.0]), torch.tensor([-3.0, 0.0]))
+    torch.testing.assert_close(d, torch.tensor([2 * math.pi - 6.0, 3.0]))
+
+
+def test_torus_locality_relu_vs_linear():
+    """ReLU: S_rel falls with geodesic distance; linear: no relation.
+
+    Observed (seeds 0-4, width 512, 0 to 3,000 full-batch steps): ReLU Pearson -0.95 to -0.96;
+    linear -0.02 to -0.05. For the linear net S_rel = |x^T A x' + c| / (x^T A x + c), and on
+    the torus x.x' ~ r^2 cos(dtheta): |cos| is symmetric about dtheta = pi/2, so its
+    correlation with dtheta in [0, pi] is about zero. The thresholds (-0.5 and 0.2) sit far from
+    both observed ranges.
+    """
+    relu = el.torus_locality("relu", seed=0, hidden=512, steps=300, lr=0.01)
+    lin = el.torus_locality(None, seed=0, hidden=512, steps=300, lr=0.001)
+    assert relu.pearson < -0.5
+    assert abs(lin.pearson) < 0.2
+    assert relu.s_rel.shape == relu.distance.shape == (2 * 50 * 49,)
