@@ -82,7 +82,8 @@ def _numpy_attr(candidates: Sequence[Tuple[str, str]]):
 # What a pickled dict of lists, bytes and numpy arrays refers to, written by python 2 (the
 # published files) or python 3 with numpy 1.x or 2.x, protocols 2 to 5. ``_codecs.encode`` is how
 # protocol 2 stores ``bytes`` under python 3; it only converts a string to bytes.
-_RECONSTRUCT = [("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")]
+_RECONSTRUCT = [("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "_reconstruct")]
 _SCALAR = [("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")]
 _FROMBUFFER = [("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer")]
 _ALLOWED_GLOBALS = {
@@ -126,7 +127,7 @@ def _restricted_load(path: str):
     except UnsafePickleError:
         raise
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, MemoryError) as exc:
+            KeyError, AttributeError, MemoryError, OverflowError, RecursionError) as exc:
         raise DataFormatError(
             f"{path}: truncated or corrupt pickle ({type(exc).__name__}: {exc})"
         ) from exc
@@ -180,6 +181,11 @@ def _check_meta(directory: str) -> None:
 # Image-folder sources (directory or zip)
 # --------------------------------------------------------------------------------------------
 
+def _is_image_name(name: str) -> bool:
+    """An image file name, not a hidden file (such as the ``._x.png`` that macOS adds)."""
+    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(".")
+
+
 class _DirSource:
     """``<root>/<split>/<class>/<image>`` on disk."""
 
@@ -193,7 +199,7 @@ class _DirSource:
             return None
         return sorted(
             os.path.join(split, class_name, e.name) for e in os.scandir(folder)
-            if e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES)
+            if e.is_file() and _is_image_name(e.name)
         )
 
     def read(self, name: str) -> bytes:
@@ -219,7 +225,7 @@ class _ZipSource:
         prefixes = set()
         for name in self._zip.namelist():
             parts = name.split("/")
-            if len(parts) < 3 or not parts[-1].lower().endswith(_IMAGE_SUFFIXES):
+            if len(parts) < 3 or not _is_image_name(parts[-1]) or parts[0] == "__MACOSX":
                 continue
             split, cls = parts[-3], parts[-2]
             if split not in _BATCH_FILES:
@@ -413,6 +419,8 @@ def load_cifar10(
         ValueError: bad ``split``, unknown class, ``per_class`` larger than what is available.
     """
     path = os.path.expanduser(os.fspath(path))
+    if as_tensor and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     if split not in _BATCH_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     labels_wanted = _resolve_classes(classes)
@@ -578,7 +586,8 @@ def make_geomnist(n_per_class: int, seed: int = 0, p_err: float = 0.0,
     Rasterisation is analytic: each pixel holds the fraction of its 8x8 sub-pixel centres that
     lie inside the exact rotated shape (half-plane tests for the polygons, the quadratic form
     for the ellipse), an unbiased estimate of the area it covers; the blur
-    (``scipy.ndimage.gaussian_filter``, zero outside the image) preserves the total intensity, which equals the shape's area in px^2.
+    (``scipy.ndimage.gaussian_filter``, zero outside the image) preserves the total
+    intensity, which equals the shape's area in px^2.
 
     Args:
         n_per_class: images per class (positive).

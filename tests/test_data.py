@@ -38,7 +38,10 @@ def _py2_pickle(obj) -> bytes:
     out = bytearray(b"\x80\x02")
 
     def string(b):
-        out.extend(b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b)
+        if len(b) < 256:
+            out.extend(b"U" + bytes([len(b)]) + b)
+        else:
+            out.extend(b"T" + struct.pack("<i", len(b)) + b)
 
     def integer(v):
         if 0 <= v < 256:
@@ -247,6 +250,15 @@ def test_zip_and_directory_pick_the_same_subset(layouts):
     a = load_cifar10(layouts["folder"], classes=["bird"], per_class=4, seed=7)[0]
     b = load_cifar10(layouts["zip"], classes=["bird"], per_class=4, seed=7)[0]
     np.testing.assert_array_equal(a, b)
+
+
+def test_zip_ignores_macos_metadata(tmp_path, fake):
+    path = _write_zip(str(tmp_path / "m.zip"), fake)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("__MACOSX/cifar10/test/cat/._0000.png", b"resource fork")
+        z.writestr("cifar10/test/cat/._0000.png", b"resource fork")
+    images, _ = load_cifar10(path, split="test", classes=["cat"])
+    np.testing.assert_array_equal(images, _expected(fake, "test", [3])[0])
 
 
 def test_as_tensor_normalisation(layouts, fake):
