@@ -30,6 +30,201 @@ def _threads(args) -> None:
 # subcommands (engine)
 # --------------------------------------------------------------------------------------------
 # [engine subcommands are added here]
+
+def _floats(text: str):
+    """'0.5' -> 0.5; '0.2,0.5,1' -> array (batched parameter)."""
+    import numpy as np
+
+    vals = [float(v) for v in str(text).split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list, got {text!r}")
+    return vals[0] if len(vals) == 1 else np.array(vals)
+
+
+def _add_model_args(p, K=3, n=50, T=400.0, dt=0.5, noise="sgd", lr=1.0, sigma=0.0):
+    g = p.add_argument_group("model")
+    g.add_argument("--K", type=int, default=K, help="number of classes (default %(default)s)")
+    g.add_argument("--n", type=int, default=n, help="samples per class (default %(default)s)")
+    g.add_argument("--p", type=int, default=None, help="feature dimension (default K)")
+    g.add_argument("--alpha", type=_floats, default=1.0, help="intra-class impact; a comma list runs a batch")
+    g.add_argument("--beta", type=_floats, default=0.2, help="inter-class impact; a comma list runs a batch")
+    g.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"])
+    g.add_argument("--noise", default=noise, choices=["additive", "sgd", "both", "none"],
+                   help="diffusion: additive sigma dW, SGD sampling noise with learning rate --lr, or both")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate h of the SGD noise (default %(default)s)")
+    g.add_argument("--sigma", type=_floats, default=sigma, help="additive noise level (default %(default)s)")
+    g.add_argument("--init-std", type=float, default=0.5, help="X(0) ~ N(0, init_std^2 I) (default %(default)s)")
+    s = p.add_argument_group("solver")
+    s.add_argument("--T", type=float, default=T, help="final time (default %(default)s)")
+    s.add_argument("--dt", type=float, default=dt, help="step size (default %(default)s)")
+    s.add_argument("--saves", type=int, default=41, help="number of save times (default %(default)s)")
+    s.add_argument("--runs", type=int, default=1, help="independent runs per parameter point")
+    s.add_argument("--backend", default="native", choices=["native", "torchsde"])
+    s.add_argument("--method", default="euler", help="torchsde method (backend torchsde)")
+    s.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _build_sde(args):
+    import numpy as np
+
+    from .model import LESDE, Impacts
+
+    y = np.repeat(np.arange(args.K), args.n)
+    return LESDE(y, Impacts.intra_inter(args.alpha, args.beta, args.K), args.drift, sigma=args.sigma,
+                 noise=args.noise, lr=args.lr if args.noise in ("sgd", "both") else None, dim=args.p)
+
+
+def _simulate_from_args(args, record="full"):
+    import numpy as np
+    import torch
+
+    from .solvers import initial_state, simulate
+
+    sde = _build_sde(args)
+    B = (sde.param_batch or 1) * args.runs
+    dtype = getattr(torch, args.dtype)
+    x0 = initial_state(B, sde.N, sde.p, std=args.init_std, seed=args.seed + 1, dtype=dtype, device=args.device)
+    if sde.param_batch and sde.param_batch > 1 and args.runs > 1:
+        raise ValueError("batched alpha/beta/sigma with --runs > 1: give one or the other")
+    ts = np.linspace(0.0, args.T, max(2, args.saves))
+    return sde, simulate(sde, x0, ts, args.dt, backend=args.backend, method=args.method, seed=args.seed,
+                         record=record, progress=not args.no_progress)
+
+
+def _summary_lines(sde, sol):
+    import numpy as np
+
+    from . import metrics
+
+    X = sol.states[-1]
+    y = sol.labels
+    lines = []
+    ok = ~sol.overflowed
+    if sde.p == sde.K and ok.any():
+        loss = np.asarray(metrics.cross_entropy(X[ok], y))
+        acc = np.asarray(metrics.argmax_accuracy(X[ok], y))
+        lines.append(f"final training cross-entropy of the logits: {np.array2string(loss, precision=4)}")
+        lines.append(f"final argmax accuracy of the logits:         {np.array2string(acc, precision=3)}")
+    if ok.any():
+        ncc = np.asarray(metrics.ncc_accuracy(X[ok], y))
+        lines.append(f"final nearest-class-centre accuracy:         {np.array2string(ncc, precision=3)}")
+    if sol.overflowed.any():
+        lines.append(f"overflowed runs (stopped): {np.flatnonzero(sol.overflowed).tolist()} at t = "
+                     f"{np.array2string(sol.overflow_time[sol.overflowed], precision=4)}")
+    return lines
+
+
+@_subcommand
+def _add_simulate(sub):
+    p = sub.add_parser("simulate", help="simulate the LE-SDE and write a solution file (.npz)",
+                       description="Simulate dX_j = (1/N) sum_j' E[y_j, y_j'] G(X_j') dt + noise with "
+                       "E = (alpha - beta) I + beta 11^T, balanced classes, X(0) Gaussian.")
+    _add_model_args(p)
+    p.add_argument("--record", default="full", choices=["full", "summary"])
+    p.add_argument("-o", "--output", default="lesde_solution.npz", help="solution file (default %(default)s)")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args):
+    sde, sol = _simulate_from_args(args, record=args.record)
+    sol.save(args.output)
+    print(f"simulated {sol.num_runs} run(s): N = {sde.N}, K = {sde.K}, p = {sde.p}, {args.drift} drift, "
+          f"{args.noise} noise, T = {args.T:g}, dt = {args.dt:g} ({sol.params['wall_seconds']:.2f} s)")
+    if sol.states is not None:
+        for line in _summary_lines(sde, sol):
+            print(line)
+    print(f"wrote {args.output}")
+
+
+@_subcommand
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="locally elastic vs non-elastic cross-entropy LE-SDE, one figure",
+                       description="Simulates the cross-entropy LE-SDE with SGD sampling noise (K = 3, "
+                       "n = 50, lr = 1) for a locally elastic case (alpha = 1, beta = 0.2) and a "
+                       "non-elastic one (alpha = beta = 1) and draws both side by side.")
+    p.add_argument("--out", default="figures/demo_trajectories.png")
+    p.add_argument("--T", type=float, default=400.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args):
+    import numpy as np
+
+    from . import figures
+    from .model import LESDE, Impacts
+    from .solvers import initial_state, simulate
+
+    K, n = 3, 50
+    y = np.repeat(np.arange(K), n)
+    sde = LESDE(y, Impacts.intra_inter(np.array([1.0, 1.0]), np.array([0.2, 1.0]), K), "cross_entropy",
+                noise="sgd", lr=1.0)
+    x0 = initial_state(2, K * n, K, std=0.5, seed=args.seed + 1)
+    sol = simulate(sde, x0, np.linspace(0, args.T, 201), 0.5, seed=args.seed, progress=True)
+    from .solvers import Solution
+
+    cases = {}
+    for b, title in enumerate(["locally elastic: alpha = 1, beta = 0.2", "not elastic: alpha = beta = 1"]):
+        cases[title] = Solution(ts=sol.ts, labels=sol.labels, class_means=sol.class_means[:, b:b + 1],
+                                within_cov=sol.within_cov[:, b:b + 1], states=sol.states[:, b:b + 1],
+                                overflow_time=sol.overflow_time[b:b + 1], params=sol.params)
+    print(f"cross-entropy LE-SDE, SGD sampling noise (lr = 1), K = {K}, n = {n}, T = {args.T:g} "
+          f"({sol.params['wall_seconds']:.1f} s)")
+    for line in _summary_lines(sde, sol):
+        print("  " + line + "   [elastic, non-elastic]")
+    out = figures.plot_demo(cases, args.out)
+    print(f"wrote {out}")
+
+
+@_subcommand
+def _add_figures(sub):
+    p = sub.add_parser("figures", help="draw (and where cheap, compute) the package's figures")
+    fs = p.add_subparsers(dest="figure", metavar="FIGURE")
+    fs.required = True
+    q = fs.add_parser("sgd-vs-sde", help="discrete feature SGD vs its SDE for several learning rates")
+    q.add_argument("--out", default="figures/sgd_vs_sde.png")
+    q.add_argument("--runs", type=int, default=64)
+    q.add_argument("--T", type=float, default=100.0)
+    q.add_argument("--lrs", type=_floats, default="2,1,0.5")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(func=_run_fig_sgd_vs_sde)
+    # [further figures are added here]
+
+
+def _run_fig_sgd_vs_sde(args):
+    import numpy as np
+
+    from . import figures
+    from .model import LESDE, Impacts
+    from .solvers import initial_state, simulate, simulate_feature_sgd
+
+    K, n = 3, 50
+    y = np.repeat(np.arange(K), n)
+    x0 = initial_state(args.runs, K * n, K, std=0.5, seed=args.seed + 1)
+    d0 = np.eye(K)[0] - 1.0 / K
+    results = []
+    for i, h in enumerate(np.atleast_1d(args.lrs)):
+        sde = LESDE(y, Impacts.intra_inter(1.0, 0.2, K), "cross_entropy", noise="sgd", lr=float(h))
+        ts = np.arange(0.0, args.T + 1e-9, max(float(h), args.T / 100))
+        ts = ts[np.abs(np.round(ts / h) * h - ts) < 1e-9]
+        disc = simulate_feature_sgd(sde, x0, ts, seed=args.seed + 10 + i, progress=True)
+        sde_sol = simulate(sde, x0, ts, min(0.1, float(h) / 4), seed=args.seed + 20 + i, progress=True)
+        r = {"h": float(h), "ts": ts}
+        for key, sol in (("disc", disc), ("sde", sde_sol)):
+            r[f"{key}_coord"] = sol.class_means[:, :, 0] @ d0 / (d0 @ d0)
+            r[f"{key}_loss"] = figures.training_loss_curve(sol.states, sol.labels)[0]
+        results.append(r)
+        print(f"h = {h:g}: final loss feature-SGD {np.mean(r['disc_loss'][-1]):.4f}, "
+              f"SDE {np.mean(r['sde_loss'][-1]):.4f}; label coordinate {np.mean(r['disc_coord'][-1]):.3f} "
+              f"vs {np.mean(r['sde_coord'][-1]):.3f}")
+    print(f"wrote {figures.plot_sgd_vs_sde(results, args.out)}")
+
 # Pattern for a new subcommand (keep imports of heavy modules inside _run_<name>):
 #
 # @_subcommand
