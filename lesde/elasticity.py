@@ -4,8 +4,8 @@ LE-SDE's impact matrix, and He & Su's / Dan et al.'s similarity measures.
 Papers
 ------
 - He & Su, "The local elasticity of neural networks", ICLR 2020 (arXiv 1910.06943).
-- Dan, Mukherjee, Das, Gampa, "Quantifying and localizing usable information leakage... /
-  local elasticity during training", arXiv 2111.01166 (the KL-based relative similarity).
+- Dan, Mukherjee, Das, Gampa, arXiv 2111.01166: local elasticity tracked during training, and
+  the KL-based relative similarity.
 - Zhang, Wang & Su, "Imitating deep learning dynamics via locally elastic stochastic
   differential equations", NeurIPS 2021 (arXiv 2110.05960): the impact matrix E.
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -47,9 +48,36 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 __all__ = [
+    # empirical NTK and the direct measurement of the LE-SDE's impacts
     "empirical_ntk",
     "measure_impacts",
     "ImpactMeasurement",
+    # He & Su / Dan et al. similarity measures
+    "one_step_changes",
+    "StepChanges",
+    "relative_similarity",
+    "kernelized_similarity",
+    "kl_relative_similarity",
+    "similarity_matrix",
+    "symmetrize",
+    "class_pair_means",
+    # local-elasticity clustering
+    "clustering_accuracy",
+    "kernel_kmeans",
+    "le_cluster",
+    "baseline_cluster",
+    "train_classifier",
+    "cluster_pair",
+    "ClusteringResult",
+    # synthetic locality check
+    "torus_curves",
+    "geodesic_distance",
+    "torus_locality",
+    "LocalityResult",
+    # tracking during training
+    "class_elasticity",
+    "track_elasticity",
+    "tracking_summary",
 ]
 
 LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
@@ -176,7 +204,9 @@ class _Functional:
             t = {k: ti[k].reshape(shapes[k]) for k in shapes}
             return jvp(lambda p: self.single(p, xi), (self.params,), (t,))[1]
 
-        return vmap(one)(x, tangents)
+        with warnings.catch_warnings():  # torch's first forward-mode use warns about jit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return vmap(one)(x, tangents)
 
 
 def _chunks(n: int, size: int):
@@ -1132,3 +1162,166 @@ def torus_locality(
     pearson = float(np.corrcoef(sv, dv)[0, 1])
     return LocalityResult(pearson=pearson, distance=dv, s_rel=sv, train_accuracy=acc,
                           final_loss=final, model=model)
+
+
+# --------------------------------------------------------------------------------------------
+# tracking during training (Dan et al.)
+# --------------------------------------------------------------------------------------------
+def class_elasticity(
+    model: nn.Module,
+    x,
+    y,
+    *,
+    lr: float = 1e-4,
+    optimizer: OptimizerSpec = "adam",
+    num_classes: Optional[int] = None,
+    loss: LossSpec = "cross_entropy",
+    exclude_self: bool = False,
+    eval_mode: bool = True,
+) -> Dict[str, Tensor]:
+    """Class-pair means of the relative similarities on a probe set, from one explicit step per
+    probe example (Dan et al., arXiv 2111.01166; their protocol: 20 probes per class, one fresh
+    Adam step with lr 1e-4).
+
+    Returns [K, K] matrices, row = class of the update example, column = class of the probe:
+    ``"kl"`` (S_rel^KL, true KL), ``"kl_compat"`` (the released code's formula, see
+    :func:`kl_relative_similarity`) and ``"norm"`` (He & Su's |Delta f(x')| / |Delta f(x)| on the
+    logits). ``exclude_self=False`` averages over all n x n probe pairs of a class pair,
+    x = x' included (where S = 1), as in their 20 x 20 average.
+    """
+    ch = one_step_changes(model, x, y, lr=lr, method="step", optimizer=optimizer, loss=loss,
+                          output="logits", eval_mode=eval_mode)
+    yl = torch.as_tensor(y)
+    k = int(num_classes) if num_classes is not None else int(yl.max()) + 1
+    mats = {"kl": _kl_ratio(ch, "true"), "kl_compat": _kl_ratio(ch, "compat"),
+            "norm": ch.relative()}
+    return {name: class_pair_means(m.cpu(), yl, num_classes=k, exclude_self=exclude_self)
+            for name, m in mats.items()}
+
+
+def _accuracy(model, x, y, batch_size=512) -> float:
+    correct = 0
+    with torch.no_grad():
+        for sl in _chunks(x.shape[0], batch_size):
+            correct += int((model(x[sl]).argmax(-1) == y[sl]).sum())
+    return correct / max(1, x.shape[0])
+
+
+def track_elasticity(
+    model: nn.Module,
+    x_train,
+    y_train,
+    x_probe,
+    y_probe,
+    *,
+    epochs: int = 7,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    optimizer: str = "adam",
+    every: int = 9,
+    probe_lr: Optional[float] = None,
+    x_test=None,
+    y_test=None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Train ``model`` in place and track local elasticity during training (Dan et al.).
+
+    Minibatch training on cross-entropy (``optimizer`` "adam" with ``lr`` 1e-4 in their
+    protocol; shuffling from ``seed``); every ``every`` minibatches (and once before training)
+    :func:`class_elasticity` on the fixed probe set (one fresh step of the same optimizer with
+    ``probe_lr``, default ``lr``, per probe example; the model itself is not changed by a probe),
+    the running training accuracy of the minibatches since the last record and, when given,
+    the test accuracy.
+
+    Returns a ``pandas.DataFrame``, one row per record: ``step``, ``epoch`` (fractional),
+    ``train_acc``, ``test_acc``, and for each measure ``m`` in ("kl", "kl_compat", "norm") and
+    class pair the column ``f"{m}_{k}_{k2}"`` (row class k = update, k2 = probe). Summarise with
+    :func:`tracking_summary`.
+    """
+    import pandas as pd
+
+    p0 = next(model.parameters())
+    xt = torch.as_tensor(x_train).to(device=p0.device, dtype=p0.dtype)
+    yt = torch.as_tensor(y_train).long().to(p0.device)
+    xp = torch.as_tensor(x_probe).to(device=p0.device, dtype=p0.dtype)
+    yp = torch.as_tensor(y_probe).long().to(p0.device)
+    xs = None if x_test is None else torch.as_tensor(x_test).to(device=p0.device, dtype=p0.dtype)
+    ys = None if y_test is None else torch.as_tensor(y_test).long().to(p0.device)
+    k = int(max(int(yt.max()), int(yp.max()))) + 1
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n = xt.shape[0]
+    per_epoch = math.ceil(n / int(batch_size))
+    rows = []
+    hits = seen = 0
+
+    def record(step):
+        nonlocal hits, seen
+        mats = class_elasticity(model, xp, yp, lr=probe_lr if probe_lr is not None else lr,
+                                optimizer=optimizer, num_classes=k)
+        row = {"step": step, "epoch": step / per_epoch,
+               "train_acc": hits / seen if seen else float("nan"),
+               "test_acc": _accuracy(model.eval(), xs, ys) if xs is not None else float("nan")}
+        model.train()
+        for name, m in mats.items():
+            for a in range(k):
+                for b in range(k):
+                    row[f"{name}_{a}_{b}"] = float(m[a, b])
+        rows.append(row)
+        hits = seen = 0
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(epochs) * per_epoch, desc="track", leave=False)
+    record(0)
+    step = 0
+    model.train()
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=gen).to(p0.device)
+        for start in range(0, n, int(batch_size)):
+            idx = perm[start:start + int(batch_size)]
+            opt.zero_grad()
+            logits = model(xt[idx])
+            F.cross_entropy(logits, yt[idx]).backward()
+            opt.step()
+            hits += int((logits.detach().argmax(-1) == yt[idx]).sum())
+            seen += len(idx)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % int(every) == 0:
+                record(step)
+    if bar is not None:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+def tracking_summary(frame, measure: str = "kl") -> Dict[str, float]:
+    """Dan et al.'s two numbers from a :func:`track_elasticity` frame, for one measure.
+
+    ``frac_same_exceeds``: fraction of (time point, class k) where the same-class value
+    S[k, k] exceeds both (all) cross-class values S[k, k'] (row = update class);
+    ``last_epoch_ratio``: over the records of the last epoch, mean_k S[k, k] divided by the mean
+    of the cross-class values. Records before training (step 0) are left out.
+    """
+    cols = [c for c in frame.columns if c.startswith(measure + "_")
+            and c[len(measure) + 1:].replace("_", "").isdigit()]
+    if not cols:
+        raise ValueError(f"no columns for measure {measure!r} in the frame")
+    k = int(round(math.sqrt(len(cols))))
+    f = frame[frame["step"] > 0]
+    s = np.stack([[f[f"{measure}_{a}_{b}"].to_numpy() for b in range(k)] for a in range(k)])
+    same = np.stack([s[a, a] for a in range(k)])                      # [K, T]
+    cross = np.stack([np.delete(s[a], a, axis=0) for a in range(k)])  # [K, K-1, T]
+    exceeds = (same[:, None, :] > cross).all(axis=1)
+    last = f["epoch"].to_numpy() > (np.ceil(f["epoch"].max()) - 1)
+    ratio = same[:, last].mean() / cross[:, :, last].mean()
+    return {"frac_same_exceeds": float(exceeds.mean()), "last_epoch_ratio": float(ratio)}

@@ -522,3 +522,37 @@ def test_torus_locality_relu_vs_linear():
     assert relu.pearson < -0.5
     assert abs(lin.pearson) < 0.2
     assert relu.s_rel.shape == relu.distance.shape == (2 * 50 * 49,)
+
+
+# --------------------------------------------------------------------------------------------
+# tracking during training
+# --------------------------------------------------------------------------------------------
+def test_class_elasticity_and_tracking():
+    from sklearn.datasets import load_digits
+
+    from lesde.nets import MLP
+
+    X, Y = load_digits(return_X_y=True)
+    keep = Y < 3
+    X, Y = X[keep][:240] / 16.0, Y[keep][:240]
+    rng = np.random.default_rng(0)
+    probe = np.concatenate([rng.choice(np.where(Y == c)[0], 4, replace=False) for c in range(3)])
+    torch.manual_seed(0)
+    net = MLP(64, hidden=(32,), num_classes=3)
+    mats = el.class_elasticity(net, X[probe], Y[probe], lr=1e-3)
+    assert set(mats) == {"kl", "kl_compat", "norm"}
+    for m in mats.values():
+        assert m.shape == (3, 3) and torch.isfinite(m).all()
+    before = [p.detach().clone() for p in net.parameters()]
+    frame = el.track_elasticity(net, X, Y, X[probe], Y[probe], epochs=2, batch_size=40,
+                                lr=1e-3, every=3, x_test=X[:60], y_test=Y[:60], progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert list(frame["step"]) == [0, 3, 6, 9, 12]
+    assert {"kl_0_0", "kl_2_1", "norm_1_1", "kl_compat_0_2", "train_acc", "test_acc"} \
+        <= set(frame.columns)
+    assert frame["train_acc"].iloc[-1] > frame["train_acc"].iloc[1]
+    for measure in ("kl", "norm"):
+        summ = el.tracking_summary(frame, measure)
+        assert 0.0 <= summ["frac_same_exceeds"] <= 1.0 and summ["last_epoch_ratio"] > 0
+    with pytest.raises(ValueError, match="measure"):
+        el.tracking_summary(frame, "cosine")
