@@ -88,6 +88,11 @@ _JAC_BUDGET = 2 ** 25
 # Per-sample loss gradients of all update examples are kept in memory when they fit in this
 # many scalars, and recomputed per probe chunk otherwise.
 _GRAD_CACHE = 2 ** 26
+# path="auto" uses forward-mode products instead of Jacobians for outputs wider than this;
+# jvp chunks: update examples (tangents) per vmap, probes per batch.
+_JVP_ABOVE = 16
+_JVP_TANGENTS = 8
+_JVP_PROBES = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +200,23 @@ class _Functional:
         """Per-example loss gradients grad_w l(x_i, y_i), name -> [c, n_name]."""
         g = vmap(grad(self.single_loss), in_dims=(None, 0, 0, None))(self.params, x, y, loss_fn)
         return {k: v.reshape(v.shape[0], -1) for k, v in g.items()}
+
+    def pushforward(self, x: Tensor, tangents: Dict[str, Tensor]) -> Tensor:
+        """J(x_a) v_b for every example a of the batch and every tangent b (name -> [c, n]):
+        [c, M, q], by forward-mode products (vmap over the tangents of one batched jvp)."""
+        shapes = {k: p.shape for k, p in self.params.items()}
+
+        def batch(params):
+            out = functional_call(self.view, (params, self.consts), (x,))
+            return out.reshape(x.shape[0], -1)
+
+        def one(ti):
+            t = {k: ti[k].reshape(shapes[k]) for k in shapes}
+            return jvp(batch, (self.params,), (t,))[1]
+
+        with warnings.catch_warnings():  # torch's first forward-mode use warns about jit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return vmap(one)(tangents)
 
     def directional(self, x: Tensor, tangents: Dict[str, Tensor]) -> Tensor:
         """J(x_i) v_i for each example and its own tangent v_i (name -> [c, n]): [c, q]."""
@@ -333,17 +355,30 @@ def empirical_ntk(
 # --------------------------------------------------------------------------------------------
 # first-order changes Delta f(x) for a step at x'
 # --------------------------------------------------------------------------------------------
+def _choose_path(path: str, q: int) -> str:
+    if path not in ("auto", "jacobian", "jvp"):
+        raise ValueError(f"path must be 'auto', 'jacobian' or 'jvp', got {path!r}")
+    if path == "auto":
+        return "jacobian" if q <= _JVP_ABOVE else "jvp"
+    return path
+
+
 def _first_order_deltas(
     fn: _Functional, x_probe: Tensor, x_update: Tensor, y_update: Tensor, lr: float,
-    loss_fn, chunk: Optional[int],
+    loss_fn, chunk: Optional[int], path: str = "auto",
 ) -> Tensor:
     """Delta[i, j] = -lr * J(x_probe_i) grad_w l(x_update_j)   [M_probe, M_update, q].
 
-    Probe Jacobians are computed once per probe chunk; the update examples' loss gradients are
-    cached when they fit (``_GRAD_CACHE`` scalars), else recomputed per probe chunk (one
-    backward pass each, cheap next to a Jacobian).
+    ``path="jacobian"``: probe Jacobians [c, q, P] (q reverse passes per probe) contracted with
+    the update examples' loss gradients; the gradients are cached when they fit
+    (``_GRAD_CACHE`` scalars), else recomputed per probe chunk. ``path="jvp"``: one forward-mode
+    product of the probe batch per update example (cost ~ M_probe * M_update forward passes, no
+    q x P Jacobian). ``"auto"``: the Jacobian for small outputs (logits), jvp for wide ones
+    (features), where the q x P Jacobian blocks are the bottleneck.
     """
     q = fn.out_dim(x_probe)
+    if _choose_path(path, q) == "jvp":
+        return _first_order_deltas_jvp(fn, x_probe, x_update, y_update, lr, loss_fn, chunk)
     size = _auto_chunk(chunk, q * fn.num_params)
     gsize = _auto_chunk(chunk, fn.num_params)
     mu = x_update.shape[0]
@@ -361,6 +396,17 @@ def _first_order_deltas(
             cols.append(sum(torch.einsum("aqn,bn->abq", jac[k], g[k]) for k in jac))
         rows.append(torch.cat(cols, dim=1))
     return -float(lr) * torch.cat(rows, dim=0)
+
+
+def _first_order_deltas_jvp(fn, x_probe, x_update, y_update, lr, loss_fn, chunk):
+    usize = int(chunk) if chunk is not None else _JVP_TANGENTS
+    psize = int(chunk) if chunk is not None else _JVP_PROBES
+    cols = []
+    for su in _chunks(x_update.shape[0], usize):
+        g = fn.loss_grads(x_update[su], y_update[su], loss_fn)
+        rows = [fn.pushforward(x_probe[sp], g) for sp in _chunks(x_probe.shape[0], psize)]
+        cols.append(torch.cat(rows, dim=1))          # [c, Mp, q]
+    return -float(lr) * torch.cat(cols, dim=0).transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +474,7 @@ def measure_impacts(
     include_self: bool = False,
     keep_delta: bool = True,
     chunk: Optional[int] = None,
+    path: str = "auto",
     eval_mode: bool = True,
 ) -> ImpactMeasurement:
     """Direct measurement of the LE-SDE's impact matrix E on the network (background.md s. 4).
@@ -475,7 +522,14 @@ def measure_impacts(
         loss: per-sample loss on the logits: "cross_entropy" (default), "mse", "bce" or a
             callable ``(logits [B, q], y [B]) -> [B]``.
         keep_delta: keep the [M, M, q] first-order changes (set False to save memory).
-        chunk: examples per Jacobian block (see :func:`empirical_ntk`).
+        chunk: examples per Jacobian block (see :func:`empirical_ntk`), or per jvp batch.
+        path: "jacobian" (per-example Jacobians [q, P] contracted with the loss gradients),
+            "jvp" (one forward-mode product of the batch per step sample; no q x P blocks) or
+            "auto" (default: Jacobians for outputs of at most 16 entries, e.g. logits, jvp for
+            wider ones, e.g. features). Both give the same numbers up to rounding.
+
+    Cost: M loss gradients plus either M q reverse passes and an M^2 q P contraction
+    ("jacobian") or M^2 forward-mode passes ("jvp"); see benchmarks/bench_elasticity.py.
     """
     with _eval_mode(model, eval_mode):
         fn = _Functional(model, output)
@@ -487,7 +541,7 @@ def measure_impacts(
             raise ValueError(f"labels must lie in 0..{k - 1} (num_classes={k})")
         loss_fn = _loss_fn(loss)
         s = _output_loss_grad(fn, x, y, loss_fn)            # dl/df [M, q]
-        delta = _first_order_deltas(fn, x, x, y, lr, loss_fn, chunk)  # [M, M, q]
+        delta = _first_order_deltas(fn, x, x, y, lr, loss_fn, chunk, path)  # [M, M, q]
     h = float(lr)
     hg = -h * s                                             # h G(x') [M, q]
     den = (hg ** 2).sum(-1)                                 # [M]
@@ -581,6 +635,7 @@ def one_step_changes(
     loss: LossSpec = "cross_entropy",
     output: str = "logits",
     chunk: Optional[int] = None,
+    path: str = "auto",
     eval_mode: bool = True,
 ) -> StepChanges:
     """Change of the outputs at probes x'_j after one optimizer step at each example (x_i, y_i).
@@ -600,6 +655,7 @@ def one_step_changes(
             0/1 for "bce", targets for "mse").
         x_probe: probes [Mp, ...] (default: ``x``, giving square matrices).
         output: measure the change of the logits or of the penultimate ``features``.
+        chunk, path: memory and algorithm of the NTK path (see :func:`measure_impacts`).
     """
     if method not in ("ntk", "step"):
         raise ValueError(f"method must be 'ntk' or 'step', got {method!r}")
@@ -618,7 +674,7 @@ def one_step_changes(
         before_p = fn.outputs(xp)
         before_s = before_p if square else fn.outputs(x)
         if method == "ntk":
-            delta = _first_order_deltas(fn, xp, x, y, lr, loss_fn, chunk).transpose(0, 1)
+            delta = _first_order_deltas(fn, xp, x, y, lr, loss_fn, chunk, path).transpose(0, 1)
             if square:
                 self_delta = torch.diagonal(delta, dim1=0, dim2=1).T
             else:

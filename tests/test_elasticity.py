@@ -219,6 +219,15 @@ def test_impacts_chunked_equals_unchunked_and_validates():
     b = el.measure_impacts(net, x, y, lr=0.1, chunk=3)
     torch.testing.assert_close(a.E, b.E)
     torch.testing.assert_close(a.delta, b.delta)
+    for output in ("logits", "features"):
+        ref = el.measure_impacts(net, x, y, lr=0.1, output=output, path="jacobian")
+        for path, chunk in (("jvp", None), ("jvp", 2), ("auto", None)):
+            other = el.measure_impacts(net, x, y, lr=0.1, output=output, path=path, chunk=chunk)
+            torch.testing.assert_close(other.delta, ref.delta, rtol=1e-10, atol=1e-12)
+    part = el.one_step_changes(net, x, y, x[:3], path="jvp")
+    torch.testing.assert_close(part.delta, el.one_step_changes(net, x, y).delta[:, :3])
+    with pytest.raises(ValueError, match="path"):
+        el.measure_impacts(net, x, y, lr=0.1, path="loop")
     with pytest.raises(ValueError, match="one label per example"):
         el.measure_impacts(net, x, y[:3], lr=0.1)
     with pytest.raises(ValueError, match="labels must lie"):
