@@ -219,6 +219,9 @@ def test_impacts_chunked_equals_unchunked_and_validates():
     b = el.measure_impacts(net, x, y, lr=0.1, chunk=3)
     torch.testing.assert_close(a.E, b.E)
     torch.testing.assert_close(a.delta, b.delta)
+    with torch.no_grad():  # callers such as a training logger may hold no_grad
+        c = el.measure_impacts(net, x, y, lr=0.1)
+    torch.testing.assert_close(a.delta, c.delta)
     for output in ("logits", "features"):
         ref = el.measure_impacts(net, x, y, lr=0.1, output=output, path="jacobian")
         for path, chunk in (("jvp", None), ("jvp", 2), ("auto", None)):
@@ -470,7 +473,7 @@ def test_kernel_kmeans_known_clusterings():
     feats = np.eye(3)[t3] + 0.2 * rng.standard_normal((50, 3))
     lab3 = el.kernel_kmeans(feats @ feats.T, 3, seed=1)
     assert el.clustering_accuracy(t3, lab3) == 1.0
-    # the linear kernel reproduces ordinary K-means' objective optimum on separated blobs
+    # identity Gram matrix, as many clusters as points: every point its own cluster
     assert len(np.unique(el.kernel_kmeans(np.eye(4), 4))) == 4
     with pytest.raises(ValueError, match="n_clusters"):
         el.kernel_kmeans(np.eye(3), 5)
