@@ -239,6 +239,199 @@ def _run_fig_sgd_vs_sde(args):
 
 
 # --------------------------------------------------------------------------------------------
+# subcommands (local elasticity on networks)
+# --------------------------------------------------------------------------------------------
+@_subcommand
+def _add_elasticity(sub):
+    p = sub.add_parser(
+        "elasticity",
+        help="local elasticity of real networks: torus check, similarity matrix, "
+        "He & Su clustering, Dan et al. tracking",
+        description="Local elasticity measured on networks (He & Su, ICLR 2020; Dan et al., "
+        "arXiv 2111.01166). Results go to --out as CSV plus figures.",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="elasticity_out", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_elasticity)
+    jobs = p.add_subparsers(dest="job", metavar="JOB")
+    jobs.required = True
+
+    def data_args(q, classes, per_class):
+        q.add_argument("--data", default="digits",
+                       help="CIFAR-10 (batches dir, image folder or zip), or 'digits' for "
+                       "scikit-learn's 8x8 digits (no download)")
+        q.add_argument("--classes", nargs="+", default=classes, help="class names or indices")
+        q.add_argument("--per-class", type=int, default=per_class)
+
+    t = jobs.add_parser("torus", help="S_rel vs geodesic distance, ReLU vs linear MLP")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--hidden", type=int, default=512)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--lr-relu", type=float, default=0.01)
+    t.add_argument("--lr-linear", type=float, default=0.001)
+
+    m = jobs.add_parser("matrix", help="pairwise S matrix (row = update, column = probe)")
+    data_args(m, ["0", "1"], 50)
+    m.add_argument("--kind", choices=["relative", "kernelized", "kl"], default="relative")
+    m.add_argument("--method", choices=["ntk", "step"], default="ntk")
+    m.add_argument("--lr", type=float, default=1e-4, help="probe step size eta")
+    m.add_argument("--normalize", action="store_true", help="normalised kernel")
+    m.add_argument("--hidden", type=int, default=512)
+    m.add_argument("--activation", default="relu", help="relu, tanh or linear")
+
+    c = jobs.add_parser("cluster", help="He & Su's LE clustering of class pairs + baselines")
+    c.add_argument("--data", default="digits")
+    c.add_argument("--pairs", nargs="+", default=["3-5"],
+                   help="class pairs a-b, e.g. automobile-cat deer-dog (or 3-5 for digits)")
+    c.add_argument("--per-class", type=int, default=500, help="primary images per class")
+    c.add_argument("--aux-per-class", type=int, default=50, help="auxiliary images from each other class")
+    c.add_argument("--activations", nargs="+", default=["relu", "linear"])
+    c.add_argument("--hidden", type=int, default=512)
+    c.add_argument("--epochs", type=int, default=20)
+    c.add_argument("--lr", type=float, default=0.01)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--method", choices=["ntk", "step"], default="ntk")
+
+    k = jobs.add_parser("track", help="Dan et al.: S_rel (KL and norm) during training")
+    data_args(k, ["airplane", "automobile", "ship"], 5000)
+    k.add_argument("--net", default="resnet18")
+    k.add_argument("--width", type=float, default=0.25)
+    k.add_argument("--probes", type=int, default=20, help="probe examples per class")
+    k.add_argument("--test-per-class", type=int, default=500)
+    k.add_argument("--epochs", type=int, default=7)
+    k.add_argument("--batch-size", type=int, default=128)
+    k.add_argument("--lr", type=float, default=1e-4)
+    k.add_argument("--every", type=int, default=9, help="minibatches between records")
+
+
+def _run_elasticity(args):
+    import csv
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    from . import elasticity as el
+    from . import figures
+    from .nets import MLP, build_net
+
+    os.makedirs(args.out, exist_ok=True)
+    progress = not args.no_progress
+
+    def load(path, classes, per_class, split="train", seed=args.seed):
+        """(x float tensor, labels 0..len(classes)-1) from CIFAR-10 or sklearn digits."""
+        if path == "digits":
+            from sklearn.datasets import load_digits
+
+            X, Y = load_digits(return_X_y=True)
+            rng = np.random.default_rng(seed + (split == "test"))
+            xs, ys = [], []
+            for i, cl in enumerate(classes):
+                idx = np.where(Y == int(cl))[0]
+                idx = rng.choice(idx, min(per_class, len(idx)), replace=False)
+                xs.append(X[idx] / 16.0)
+                ys.append(np.full(len(idx), i))
+            return (torch.as_tensor(np.concatenate(xs), dtype=torch.float32),
+                    torch.as_tensor(np.concatenate(ys)))
+        from .data import load_cifar10
+
+        cls = [int(c) if str(c).isdigit() else c for c in classes]
+        return load_cifar10(path, split=split, classes=cls, per_class=per_class, seed=seed, as_tensor=True)
+
+    def all_classes(path):
+        if path == "digits":
+            return [str(i) for i in range(10)]
+        from .data import CIFAR10_CLASSES
+
+        return list(CIFAR10_CLASSES)
+
+    def write_csv(name, rows):
+        with open(os.path.join(args.out, name), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {os.path.join(args.out, name)}")
+
+    if args.job == "torus":
+        rows, results = [], {}
+        for act, lr in (("relu", args.lr_relu), (None, args.lr_linear)):
+            for seed in args.seeds:
+                r = el.torus_locality(act, seed=seed, hidden=args.hidden, steps=args.steps, lr=lr)
+                rows.append({"network": act or "linear", "seed": seed, "pearson": r.pearson,
+                             "train_accuracy": r.train_accuracy, "final_loss": r.final_loss})
+                print(f"{act or 'linear':6s} seed {seed}: Pearson {r.pearson:+.3f}")
+                results.setdefault(act or "linear", r)
+        figures.plot_torus_locality(results, os.path.join(args.out, "torus_locality.png"))
+        write_csv("torus_locality.csv", rows)
+        return 0
+
+    if args.job == "matrix":
+        x, y = load(args.data, args.classes, args.per_class)
+        torch.manual_seed(args.seed)
+        net = MLP(x[0].numel(), hidden=(args.hidden,), num_classes=len(args.classes),
+                  activation=None if args.activation == "linear" else args.activation)
+        el.train_classifier(net, x, y, epochs=10, lr=0.05, loss="cross_entropy", seed=args.seed,
+                            progress=progress)
+        kw = {"lr": args.lr} if args.kind == "kl" else {"lr": args.lr, "method": args.method}
+        s = el.similarity_matrix(net, x, y, kind=args.kind, normalize=args.normalize, **kw)
+        np.savetxt(os.path.join(args.out, f"S_{args.kind}.csv"), s.numpy(), delimiter=",")
+        means = el.class_pair_means(s, y)
+        print("class-pair means (row = update class, column = probe class):")
+        print(np.array2string(means.numpy(), precision=4))
+        figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", os.path.join(args.out, f"S_{args.kind}.png"))
+        return 0
+
+    if args.job == "cluster":
+        rows = []
+        names = all_classes(args.data)
+        for pair in args.pairs:
+            a, b = pair.split("-")
+            others = [c for c in names if c not in (a, b) and str(names.index(c)) not in (a, b)]
+            xp, yp = load(args.data, [a, b], args.per_class)
+            xa, _ = load(args.data, others, args.aux_per_class)
+            for act in args.activations:
+                torch.manual_seed(args.seed)
+                net = MLP(xp[0].numel(), hidden=(args.hidden,), num_classes=1,
+                          activation=None if act == "linear" else act)
+                res = el.cluster_pair(net, xp, yp, xa, epochs=args.epochs, lr=args.lr,
+                                      batch_size=args.batch_size, method=args.method,
+                                      baselines=(act == args.activations[0]), seed=args.seed,
+                                      progress=progress)
+                for meth, acc in res.accuracy.items():
+                    net_name = act if not meth.startswith(("kmeans_raw", "pca")) else "-"
+                    rows.append({"pair": pair, "network": net_name, "method": meth, "accuracy": round(acc, 4)})
+                    print(f"{pair:18s} {net_name:7s} {meth:18s} {acc:.3f}")
+        write_csv("clustering.csv", rows)
+        return 0
+
+    # track
+    x, y = load(args.data, args.classes, args.per_class)
+    xt, yt = load(args.data, args.classes, args.test_per_class, split="test")
+    rng = np.random.default_rng(args.seed)
+    probe = np.concatenate([rng.choice(np.where(y.numpy() == c)[0], args.probes, replace=False)
+                            for c in range(len(args.classes))])
+    torch.manual_seed(args.seed)
+    if args.net == "mlp":
+        net = MLP(x[0].numel(), hidden=(512,), num_classes=len(args.classes))
+    else:
+        net = build_net(args.net, len(args.classes), width=args.width, batchnorm=False, in_channels=x.shape[1])
+    frame = el.track_elasticity(net, x, y, x[probe], y[probe], epochs=args.epochs, batch_size=args.batch_size,
+                                lr=args.lr, every=args.every, x_test=xt, y_test=yt, seed=args.seed,
+                                progress=progress)
+    frame.to_csv(os.path.join(args.out, "tracking.csv"), index=False)
+    summary = {m: el.tracking_summary(frame, m) for m in ("kl", "kl_compat", "norm")}
+    with open(os.path.join(args.out, "tracking_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    figures.plot_elasticity_tracking(frame, [str(c) for c in args.classes], os.path.join(args.out, "tracking.png"))
+    print(f"wrote {args.out}/tracking.csv, tracking_summary.json, tracking.png")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve"]
+__all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
+           "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking"]
 
 
 def _plt():
@@ -125,5 +126,50 @@ def plot_sgd_vs_sde(results: Sequence[dict], path) -> str:
     axes[1].set_xlabel("time t = steps x h")
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_torus_locality(results: dict, path) -> str:
+    """S_rel against geodesic distance along the torus curves, one panel per network
+    (name -> ``lesde.elasticity.LocalityResult``), with the Pearson correlation."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=False, squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        ax.scatter(np.asarray(r.distance), np.asarray(r.s_rel), s=2, alpha=0.3)
+        ax.set_title(f"{name} MLP: Pearson {r.pearson:+.2f}", fontsize=9)
+        ax.set_xlabel("geodesic distance along the curve")
+        ax.set_ylabel("S_rel(x, x')")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_matrix(S: np.ndarray, title: str, path) -> str:
+    """A pairwise similarity matrix as an image (row = update example, column = probe)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    im = ax.imshow(np.asarray(S), cmap="viridis")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=9)
+    ax.grid(False)
+    return _save(fig, path)
+
+
+def plot_elasticity_tracking(frame, classes, path) -> str:
+    """Dan et al.'s protocol: S_rel (KL, top; norm ratio, bottom) for each update class
+    (columns) against every probe class, over epochs. ``frame`` has columns ``epoch`` and
+    ``{kl,norm}_{a}_{b}``."""
+    plt = _plt()
+    K = len(classes)
+    fig, axes = plt.subplots(2, K, figsize=(4 * K, 6), squeeze=False)
+    for row, m in enumerate(("kl", "norm")):
+        for a in range(K):
+            ax = axes[row, a]
+            for b in range(K):
+                ax.plot(frame["epoch"], frame[f"{m}_{a}_{b}"], lw=2 if a == b else 1,
+                        label=f"probe {classes[b]}" + (" (same class)" if a == b else ""))
+            ax.set_title(f"S_rel ({'KL' if m == 'kl' else 'norm ratio'}), update class {classes[a]}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
