@@ -23,6 +23,32 @@ from .model import (
 )
 from .solvers import LESDEOverflowWarning, Solution, initial_state, simulate, simulate_feature_sgd
 from . import theory
+from .data import (
+    CIFAR10_CLASSES,
+    GEOMNIST_CLASSES,
+    DataFormatError,
+    GeoMNIST,
+    UnsafePickleError,
+    apply_label_noise,
+    load_cifar10,
+    make_geomnist,
+)
+from .nets import NETS, MLP, FeatureNet, LeNet, ResNet18, ResNet20, build_net
+from .elasticity import (
+    ImpactMeasurement,
+    class_elasticity,
+    cluster_pair,
+    clustering_accuracy,
+    empirical_ntk,
+    kernel_kmeans,
+    kernelized_similarity,
+    kl_relative_similarity,
+    measure_impacts,
+    relative_similarity,
+    similarity_matrix,
+    torus_locality,
+    track_elasticity,
+)
 
 __version__ = "0.1.0"
 
@@ -32,4 +58,10 @@ __all__ = [
     "CallableField", "make_field",
     "simulate", "simulate_feature_sgd", "initial_state", "Solution", "LESDEOverflowWarning",
     "theory",
+    "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
+    "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",
+    "FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "build_net", "NETS",
+    "empirical_ntk", "measure_impacts", "ImpactMeasurement", "relative_similarity",
+    "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",
+    "clustering_accuracy", "cluster_pair", "torus_locality", "class_elasticity", "track_elasticity",
 ]
