@@ -39,19 +39,21 @@ def _median_time(fn, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (set OMP_NUM_THREADS too)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch / BLAS threads (set OMP_NUM_THREADS too)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "lp": [], "proxies": {}}
+    machine = platform.processor() or platform.machine()
+    results = {"machine": machine, "threads": args.threads, "lp": [], "proxies": {}}
 
     for n, k, p in [(150, 3, 3), (5000, 10, 10)]:
         for label, gap in [("separated", 8.0), ("overlapping", 0.5)]:
             X, y = _clouds(n, k, p, gap, seed=n + k)
             t, res = _median_time(lambda: lm.linear_separability(X, y), args.repeats)
-            row = {"N": n, "K": k, "p": p, "data": label, "seconds": t, "separable": bool(res.separable),
-                   "margin": float(res.margin)}
+            row = {"N": n, "K": k, "p": p, "data": label, "seconds": t,
+                   "separable": bool(res.separable), "margin": float(res.margin)}
             results["lp"].append(row)
             print(f"linear_separability N={n:5d} K={k:2d} p={p:2d} {label:11s}: {t * 1e3:9.1f} ms "
                   f"(separable={res.separable}, margin={res.margin:.3g})")

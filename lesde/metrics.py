@@ -64,9 +64,6 @@ __all__ = [
     "neural_collapse",
 ]
 
-ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821  (torch is optional here)
-
-
 # --------------------------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------------------------
@@ -85,11 +82,15 @@ def _features(X, name="X"):
     if X.dtype == object or np.iscomplexobj(X) or not (
         np.issubdtype(X.dtype, np.number) or X.dtype == bool
     ):
-        raise ValueError(f"{name} must be a real numeric array of shape (..., N, p); got dtype {X.dtype}")
+        raise ValueError(
+            f"{name} must be a real numeric array of shape (..., N, p); got dtype {X.dtype}"
+        )
     if X.ndim < 2:
         raise ValueError(f"{name} must have shape (N, p) or (..., N, p); got shape {X.shape}")
     if X.shape[-2] == 0 or X.shape[-1] == 0:
-        raise ValueError(f"{name} must have N >= 1 samples and p >= 1 features; got shape {X.shape}")
+        raise ValueError(
+            f"{name} must have N >= 1 samples and p >= 1 features; got shape {X.shape}"
+        )
     return X.astype(np.float64, copy=False), X.shape[:-2]
 
 
@@ -101,7 +102,8 @@ def _labels(y, n, num_classes, name="y"):
     if y.dtype == bool:
         y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        integral = np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
+        if integral and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         else:
             raise ValueError(f"{name} must hold integer class labels 0..K-1; got dtype {y.dtype}")
@@ -115,7 +117,9 @@ def _labels(y, n, num_classes, name="y"):
             raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
         k = int(num_classes)
         if y.max() >= k:
-            raise ValueError(f"{name} must hold labels in 0..num_classes-1 = 0..{k - 1}; found {y.max()}")
+            raise ValueError(
+                f"{name} must hold labels in 0..num_classes-1 = 0..{k - 1}; found {y.max()}"
+            )
     return y, k
 
 
@@ -123,12 +127,15 @@ def _readout(W, b, batch_shape, k, p, name="W"):
     """Read-out W of shape (..., K, p) and bias (..., K), broadcastable to the batch shape."""
     W = _to_numpy(W, name).astype(np.float64)
     if W.ndim < 2 or W.shape[-2:] != (k, p):
-        raise ValueError(f"{name} must have shape (K, p) = ({k}, {p}) or (..., {k}, {p}); got {W.shape}")
+        raise ValueError(
+            f"{name} must have shape (K, p) = ({k}, {p}) or (..., {k}, {p}); got {W.shape}"
+        )
     try:
         np.broadcast_shapes(W.shape[:-2], batch_shape)
     except ValueError:
         raise ValueError(
-            f"{name} batch shape {W.shape[:-2]} does not broadcast with the feature batch shape {batch_shape}"
+            f"{name} batch shape {W.shape[:-2]} does not broadcast with the feature batch "
+            f"shape {batch_shape}"
         ) from None
     if b is None:
         b = np.zeros((k,))
@@ -140,7 +147,8 @@ def _readout(W, b, batch_shape, k, p, name="W"):
             np.broadcast_shapes(b.shape[:-1], batch_shape)
         except ValueError:
             raise ValueError(
-                f"b batch shape {b.shape[:-1]} does not broadcast with the feature batch shape {batch_shape}"
+                f"b batch shape {b.shape[:-1]} does not broadcast with the feature batch "
+                f"shape {batch_shape}"
             ) from None
     return W, b
 
@@ -171,7 +179,9 @@ def _class_means(X, y, k, require_all=True):
     counts = np.bincount(y, minlength=k).astype(np.float64)
     if require_all and np.any(counts == 0):
         missing = np.flatnonzero(counts == 0).tolist()
-        raise ValueError(f"y has no samples of class(es) {missing} of 0..{k - 1}; class means are undefined")
+        raise ValueError(
+            f"y has no samples of class(es) {missing} of 0..{k - 1}; class means are undefined"
+        )
     weights = _onehot(y, k) / np.maximum(counts, 1.0)  # (N, K)
     means = np.einsum("nk,...np->...kp", weights, X)
     return means, counts
@@ -267,16 +277,17 @@ def _separability_lp(X, y, k, tol):
     c_b = (c * p + np.stack([own, kk], axis=1)).ravel()
     v_b = np.tile([-1.0, 1.0], nr)
     r_t, c_t, v_t = rows, np.full(nr, c * p + c), np.ones(nr)
-    A = sp.csr_matrix(
-        (np.concatenate([v_w, v_b, v_t]), (np.concatenate([r_w, r_b, r_t]), np.concatenate([c_w, c_b, c_t]))),
-        shape=(nr, c * p + c + 1),
-    )
+    entries = np.concatenate([v_w, v_b, v_t])
+    ij = (np.concatenate([r_w, r_b, r_t]), np.concatenate([c_w, c_b, c_t]))
+    A = sp.csr_matrix((entries, ij), shape=(nr, c * p + c + 1))
     cost = np.zeros(c * p + c + 1)
     cost[-1] = -1.0  # maximise t
     bounds = [(-1.0, 1.0)] * (c * p) + [(None, None)] * c + [(0.0, None)]
     res = linprog(cost, A_ub=A, b_ub=np.zeros(nr), bounds=bounds, method="highs")
     if res.status != 0:
-        raise RuntimeError(f"linear_separability: the LP solver failed ({res.status}): {res.message}")
+        raise RuntimeError(
+            f"linear_separability: the LP solver failed ({res.status}): {res.message}"
+        )
     Wc = np.clip(res.x[: c * p].reshape(c, p), -1.0, 1.0)
     bc = res.x[c * p : c * p + c]
     # The achieved margin, recomputed from the solution rather than read from the solver.
@@ -405,7 +416,8 @@ def argmax_accuracy(X, y, W=None, b=None, num_classes=None):
 
     Args:
         X: features ``(..., N, p)``.  y: labels ``(N,)``.
-        W: optional read-out ``(K, p)`` or ``(..., K, p)``.  b: optional bias ``(K,)`` or ``(..., K)``.
+        W: optional read-out ``(K, p)`` or ``(..., K, p)``.
+        b: optional bias ``(K,)`` or ``(..., K)``.
         num_classes: K (default: ``p`` without a read-out, else ``W.shape[-2]``).
 
     Returns:
@@ -424,7 +436,10 @@ def _logits_of(X, y, W, b, num_classes, batch_shape):
         k = p if num_classes is None else num_classes
         y, k = _labels(y, n, k)
         if k != p:
-            raise ValueError(f"without a read-out W the features are the logits: X must have p = K = {k}; got p = {p}")
+            raise ValueError(
+                f"without a read-out W the features are the logits: X must have p = K = {k}; "
+                f"got p = {p}"
+            )
         X, ok = _clean(X)
         return X, y, ok
     W_arr = _to_numpy(W, "W")
@@ -451,7 +466,8 @@ def cross_entropy(X, y, W=None, b=None, num_classes=None):
 
     Args:
         X: features ``(..., N, p)``.  y: labels ``(N,)``.
-        W: optional read-out ``(K, p)`` or ``(..., K, p)``.  b: optional bias ``(K,)`` or ``(..., K)``.
+        W: optional read-out ``(K, p)`` or ``(..., K, p)``.
+        b: optional bias ``(K,)`` or ``(..., K)``.
         num_classes: K (default: ``p`` without a read-out, else ``W.shape[-2]``).
 
     Returns:
@@ -518,7 +534,8 @@ def _fit_probe(Xa, Y, l2, p, max_iter, tol):
             fc, cec, Sc = _probe_objective(cand, Xa[idx[j]], Y, l2, p)
             good = fc <= f[idx[j]] - 0.25 * a[j] * decrement[j]
             g = j[good]
-            theta[idx[g]], f[idx[g]], ce[idx[g]], S[idx[g]] = cand[good], fc[good], cec[good], Sc[good]
+            theta[idx[g]], f[idx[g]] = cand[good], fc[good]
+            ce[idx[g]], S[idx[g]] = cec[good], Sc[good]
             todo[g] = False
             a[j[~good]] *= 0.5
         active[idx[todo]] = False  # no decrease possible any more: at machine precision
@@ -560,13 +577,16 @@ def linear_probe_loss(X, y, l2=1e-3, num_classes=None, max_iter=100, tol=1e-12):
         num_classes: K.  max_iter: Newton iterations at most.  tol: stopping tolerance.
 
     Returns:
-        float (nats), or array of the batch shape; NaN for non-finite items.
+        float (nats), or array of the batch shape; 0 when fewer than two classes have samples;
+        NaN for non-finite items.
     """
     X, batch_shape = _features(X)
     n, p = X.shape[-2:]
     y, k = _labels(y, n, num_classes)
     if not l2 > 0:
-        raise ValueError(f"l2 must be > 0 (the unregularised probe has no minimiser on separable data); got {l2}")
+        raise ValueError(
+            f"l2 must be > 0 (the unregularised probe has no minimiser on separable data); got {l2}"
+        )
     X, ok = _clean(X)
     present = np.flatnonzero(np.bincount(y, minlength=k) > 0)
     if present.size < 2:
@@ -603,7 +623,8 @@ def nc1(X, y, num_classes=None):
 
     .. math:: \mathrm{NC1} = \frac1K \operatorname{Tr}\big(\Sigma_W \Sigma_B^{+}\big),\quad
               \Sigma_B = \frac1K \sum_k (\mu_k - \mu_G)(\mu_k - \mu_G)^T = \frac1K M M^T,\quad
-              \Sigma_W = \frac1K \sum_k \frac{1}{n_k} \sum_{j: y_j = k} (X_j - \mu_k)(X_j - \mu_k)^T,
+              \Sigma_W = \frac1K \sum_k \frac{1}{n_k}
+                  \sum_{j: y_j = k} (X_j - \mu_k)(X_j - \mu_k)^T,
 
     with :math:`\mu_k` the class means, :math:`\mu_G = \frac1K\sum_k \mu_k` and
     :math:`M = [\mu_k - \mu_G]_k` (``p x K``); for balanced classes :math:`\Sigma_W` is the
@@ -690,7 +711,10 @@ def nc2(X, y, num_classes=None):
 
 def _nc_readout(W, b, batch_shape, k, p, center_W):
     if W is None:
-        raise ValueError(f"W (read-out, shape (K, p) = ({k}, {p})) is required; for logit features use numpy.eye(K)")
+        raise ValueError(
+            f"W (read-out, shape (K, p) = ({k}, {p})) is required; for logit features use "
+            "numpy.eye(K)"
+        )
     W, b = _readout(W, b, batch_shape, k, p)
     if center_W:
         W = W - W.mean(axis=-2, keepdims=True)
@@ -759,7 +783,7 @@ def nc4(X, y, W, b=None, num_classes=None):
 
 @dataclass(frozen=True)
 class NeuralCollapse:
-    """All neural-collapse measures (see :func:`neural_collapse`); nc3 and nc4 are None without W."""
+    """All neural-collapse measures (see :func:`neural_collapse`); nc3, nc4 None without W."""
 
     nc1: Union[float, np.ndarray]
     equinorm: Union[float, np.ndarray]

@@ -257,7 +257,11 @@ def test_ncc_ignores_empty_class_and_ties_are_errors():
 def test_cross_entropy_is_stable_for_huge_logits():
     Z = np.array([[1000.0, 0.0, 0.0], [1000.0, 0.0, 0.0], [-800.0, 500.0, 499.0]])
     y = np.array([0, 1, 2])
-    exact = [2 * math.exp(-1000), 1000 + math.log1p(2 * math.exp(-1000)), 1 + math.log1p(math.exp(-1) + math.exp(-1300))]
+    exact = [
+        2 * math.exp(-1000),
+        1000 + math.log1p(2 * math.exp(-1000)),
+        1 + math.log1p(math.exp(-1) + math.exp(-1300)),
+    ]
     assert lm.cross_entropy(Z, y) == pytest.approx(np.mean(exact), rel=1e-14)
 
 
@@ -283,9 +287,9 @@ def _ref_probe(X, y, k, l2):
     return ref_ce(X @ W.T + b, y)
 
 
-@pytest.mark.parametrize("l2", [1e-1, 1e-3])
-def test_linear_probe_matches_scipy_optimum(l2):
-    X, y = unbalanced(20, batch=(2,), p=3, spread=1.0)
+@pytest.mark.parametrize("l2,spread", [(1e-1, 1.0), (1e-3, 1.0), (1e-3, 6.0)])
+def test_linear_probe_matches_scipy_optimum(l2, spread):
+    X, y = unbalanced(20, batch=(2,), p=3, spread=spread)  # spread 6: (nearly) separable
     out = lm.linear_probe_loss(X, y, l2=l2)
     assert out.shape == (2,)
     for i in range(2):
@@ -314,7 +318,8 @@ def test_exact_simplex_etf_collapse(k, p):
     W = 3.0 * mus  # self-dual read-out
     res = lm.neural_collapse(X, y, W=W)
     assert abs(res.nc1) < 1e-10
-    assert abs(res.equinorm) < 1e-10 and abs(res.equiangularity) < 1e-10 and abs(res.etf_angle) < 1e-10
+    for term in (res.equinorm, res.equiangularity, res.etf_angle):
+        assert abs(term) < 1e-10
     assert abs(res.nc3) < 1e-10 and res.nc4 == 0.0
 
 
@@ -367,7 +372,8 @@ def test_nc_metrics_match_references_unbalanced_and_batched():
             assert res.nc1[i, j] == pytest.approx(ref_nc1(x, y, k), rel=1e-9)
             assert lm.nc1(x, y) == pytest.approx(res.nc1[i, j], rel=1e-12)
             e, a, t = ref_nc2(x, y, k)
-            assert (res.equinorm[i, j], res.equiangularity[i, j], res.etf_angle[i, j]) == pytest.approx((e, a, t), rel=1e-10)
+            got = (res.equinorm[i, j], res.equiangularity[i, j], res.etf_angle[i, j])
+            assert got == pytest.approx((e, a, t), rel=1e-10)
             assert (two.equinorm[i, j], two.etf_angle[i, j]) == pytest.approx((e, t), rel=1e-10)
             assert res.nc3[i, j] == pytest.approx(ref_nc3(x, y, k, w), rel=1e-10)
             assert lm.nc3(x, y, w) == pytest.approx(res.nc3[i, j], rel=1e-12)
@@ -380,8 +386,8 @@ def test_nc_metrics_match_references_unbalanced_and_batched():
 def test_nonfinite_items_give_nan_and_coincident_means_nan():
     X, y = unbalanced(40, batch=(3,), p=4)
     X[1, 0, 2] = np.inf
-    for out in (lm.nc1(X, y), lm.ncc_accuracy(X, y), lm.cross_entropy(X, y), lm.linear_probe_loss(X, y),
-                lm.nc4(X, y, np.eye(4)), lm.nc2(X, y).etf_angle):
+    for out in (lm.nc1(X, y), lm.ncc_accuracy(X, y), lm.cross_entropy(X, y),
+                lm.linear_probe_loss(X, y), lm.nc4(X, y, np.eye(4)), lm.nc2(X, y).etf_angle):
         assert np.isnan(out[1]) and np.all(np.isfinite(out[[0, 2]]))
     assert math.isnan(lm.nc1(np.ones((8, 3)), np.arange(8) % 2))
 
@@ -389,26 +395,32 @@ def test_nonfinite_items_give_nan_and_coincident_means_nan():
 # --------------------------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------------------------
+_Z, _R = np.zeros, np.random.default_rng(0).random
+_Y4 = np.array([0, 1, 0, 1])
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: lm.nc1(np.zeros(5), np.zeros(5, int)), r"X must have shape \(N, p\)"),
-        (lambda: lm.ncc_accuracy(np.zeros((5, 2)), np.zeros(4, int)), r"y must have shape \(N,\) = \(5,\)"),
-        (lambda: lm.ncc_accuracy(np.zeros((5, 2)), np.zeros((5, 1), int)), r"y must have shape"),
-        (lambda: lm.nc1(np.zeros((4, 2)), np.array([0, 1, -1, 0])), r"labels in 0\.\.K-1"),
-        (lambda: lm.nc1(np.zeros((4, 2)), np.array([0, 1, 3, 0]), num_classes=3), r"0\.\.num_classes-1"),
-        (lambda: lm.nc1(np.zeros((4, 2)), np.array([0.5, 1, 0, 1])), r"integer class labels"),
-        (lambda: lm.nc1(np.random.rand(4, 2), np.array([0, 2, 0, 2])), r"no samples of class\(es\) \[1\]"),
-        (lambda: lm.nc1(np.random.rand(4, 2), np.zeros(4, int)), r"K >= 2"),
-        (lambda: lm.cross_entropy(np.zeros((4, 3)), np.array([0, 1, 0, 1]), num_classes=2), r"p = K = 2"),
-        (lambda: lm.argmax_accuracy(np.zeros((4, 3)), np.array([0, 1, 0, 3])), r"0\.\.num_classes-1 = 0\.\.2"),
-        (lambda: lm.nc3(np.random.rand(4, 3), np.array([0, 1, 0, 1]), np.eye(3)), r"W must have shape \(K, p\) = \(2, 3\)"),
-        (lambda: lm.nc4(np.random.rand(4, 2), np.array([0, 1, 0, 1]), np.eye(2), b=np.zeros(3)), r"b must have shape"),
-        (lambda: lm.nc3(np.random.rand(3, 4, 2), np.array([0, 1, 0, 1]), np.ones((2, 2, 2))), r"does not broadcast"),
-        (lambda: lm.nc3(np.random.rand(4, 2), np.array([0, 1, 0, 1]), None), r"W \(read-out"),
-        (lambda: lm.linear_probe_loss(np.random.rand(4, 2), np.array([0, 1, 0, 1]), l2=0.0), r"l2 must be > 0"),
-        (lambda: lm.linear_separability(np.zeros((0, 2)), np.zeros(0, int)), r"N >= 1"),
-        (lambda: lm.linear_separability(np.array([["a", "b"]]), np.zeros(1, int)), r"real numeric"),
+        (lambda: lm.nc1(_Z(5), _Z(5, int)), r"X must have shape \(N, p\)"),
+        (lambda: lm.ncc_accuracy(_Z((5, 2)), _Z(4, int)), r"y must have shape \(N,\) = \(5,\)"),
+        (lambda: lm.ncc_accuracy(_Z((5, 2)), _Z((5, 1), int)), r"y must have shape"),
+        (lambda: lm.nc1(_Z((4, 2)), np.array([0, 1, -1, 0])), r"labels in 0\.\.K-1"),
+        (lambda: lm.nc1(_Z((4, 2)), np.array([0, 1, 3, 0]), num_classes=3),
+         r"0\.\.num_classes-1"),
+        (lambda: lm.nc1(_Z((4, 2)), np.array([0.5, 1, 0, 1])), r"integer class labels"),
+        (lambda: lm.nc1(_R((4, 2)), 2 * _Y4), r"no samples of class\(es\) \[1\]"),
+        (lambda: lm.nc1(_R((4, 2)), _Z(4, int)), r"K >= 2"),
+        (lambda: lm.cross_entropy(_Z((4, 3)), _Y4, num_classes=2), r"p = K = 2"),
+        (lambda: lm.argmax_accuracy(_Z((4, 3)), 3 * _Y4), r"0\.\.num_classes-1 = 0\.\.2"),
+        (lambda: lm.nc3(_R((4, 3)), _Y4, np.eye(3)), r"W must have shape \(K, p\) = \(2, 3\)"),
+        (lambda: lm.nc4(_R((4, 2)), _Y4, np.eye(2), b=_Z(3)), r"b must have shape"),
+        (lambda: lm.nc3(_R((3, 4, 2)), _Y4, np.ones((2, 2, 2))), r"does not broadcast"),
+        (lambda: lm.nc3(_R((4, 2)), _Y4, None), r"W \(read-out"),
+        (lambda: lm.linear_probe_loss(_R((4, 2)), _Y4, l2=0.0), r"l2 must be > 0"),
+        (lambda: lm.linear_separability(_Z((0, 2)), _Z(0, int)), r"N >= 1"),
+        (lambda: lm.linear_separability(np.array([["a", "b"]]), _Z(1, int)), r"real numeric"),
+        (lambda: lm.cross_entropy(_R((4, 2)), _Y4, b=_Z(2)), r"b was given without W"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):
