@@ -13,7 +13,7 @@ the phase transition of the locally elastic SDE, Zhang, Wang & Su, NeurIPS 2021)
 
 * the exact test for separability by *any* affine multi-class classifier, a linear program
   (:func:`linear_separability`);
-* cheap proxies cheap enough for every recorded time: :func:`ncc_accuracy`,
+* proxies cheap enough for every recorded time: :func:`ncc_accuracy`,
   :func:`argmax_accuracy`, :func:`cross_entropy` (of the model's own logits or of a fixed
   read-out) and :func:`linear_probe_loss`.
 
