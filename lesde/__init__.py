@@ -22,7 +22,7 @@ from .model import (
     make_field,
 )
 from .solvers import LESDEOverflowWarning, Solution, initial_state, simulate, simulate_feature_sgd
-from . import theory
+from . import metrics, theory
 from .data import (
     CIFAR10_CLASSES,
     GEOMNIST_CLASSES,
@@ -57,7 +57,7 @@ __all__ = [
     "DriftField", "Identity", "LabelProjection", "CrossEntropy", "CrossEntropyReadout",
     "CallableField", "make_field",
     "simulate", "simulate_feature_sgd", "initial_state", "Solution", "LESDEOverflowWarning",
-    "theory",
+    "theory", "metrics",
     "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
     "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",
     "FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "build_net", "NETS",

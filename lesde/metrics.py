@@ -62,6 +62,7 @@ __all__ = [
     "nc3",
     "nc4",
     "neural_collapse",
+    "order_parameters",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -822,3 +823,63 @@ def neural_collapse(X, y, W=None, b=None, num_classes=None, center_W=False):
         Wr, br = _nc_readout(W, b, batch_shape, k, X.shape[-1], False)
         values += [_nc3_value(M, Wc), _nc4_value(X, y, means, Wr, br, k)]
     return NeuralCollapse(*(_finish(v, ok, batch_shape) for v in values))
+
+
+def order_parameters(solution, W=None, b=None, lp=True, lp_every: int = 1):
+    r"""The order parameters of the separability transition over time, one tidy table.
+
+    For every recorded time and run of a :class:`lesde.Solution` with full states (or a tuple
+    ``(ts, states (T, B, N, p), labels)``), the table has:
+
+    * ``train_loss`` and ``accuracy``: training cross-entropy and argmax accuracy of the model's
+      own read-out -- the logits are the features themselves when p = K, else ``X W^T + b``
+      (the read-out of a ``CrossEntropyReadout`` field is taken from the solution's parameters
+      when W is not given). This is the order parameter of the phase transition
+      (Zhang, Wang & Su, NeurIPS 2021): features are "separable" when this loss goes to 0.
+    * ``ncc_accuracy``: nearest-class-centre accuracy (a cheap geometric proxy);
+    * ``lp_separable``, ``lp_margin``: separability by *any* affine classifier (the LP of
+      :func:`linear_separability`; every ``lp_every``-th time, NaN elsewhere). A weaker notion:
+      with beta > alpha the features can be LP-separable by a reversed classifier while the
+      training loss diverges.
+
+    Returns a pandas DataFrame with columns ``t, run, train_loss, accuracy, ncc_accuracy,
+    lp_separable, lp_margin``.
+    """
+    import pandas as pd
+
+    if isinstance(solution, tuple):
+        ts, states, labels = solution
+    else:
+        ts, states, labels = solution.ts, solution.states, solution.labels
+        if states is None:
+            raise ValueError("order_parameters needs full states: simulate with record='full'")
+        field = solution.params.get("field", {}) if isinstance(solution.params, dict) else {}
+        if W is None and field.get("W") is not None:
+            W, b = np.asarray(field["W"]), None if field.get("b") is None else np.asarray(field["b"])
+    states = _to_numpy(states, "states")
+    if states.ndim != 4:
+        raise ValueError(f"states must have shape (T, B, N, p), got {states.shape}")
+    ts = np.asarray(ts, dtype=float)
+    T, B = states.shape[:2]
+    if ts.shape != (T,):
+        raise ValueError(f"ts must have shape (T,) = ({T},), got {ts.shape}")
+    if W is None and int(np.max(labels)) + 1 > states.shape[-1]:
+        raise ValueError(f"features of dimension p = {states.shape[-1]} are not logits for "
+                         f"K = {int(np.max(labels)) + 1} classes: give the read-out W")
+    K = W.shape[0] if W is not None else states.shape[-1]
+    loss = np.asarray(cross_entropy(states, labels, W=W, b=b, num_classes=K))
+    acc = np.asarray(argmax_accuracy(states, labels, W=W, b=b, num_classes=K))
+    ncc = np.asarray(ncc_accuracy(states, labels, num_classes=K))
+    sep = np.full((T, B), np.nan)
+    margin = np.full((T, B), np.nan)
+    if lp:
+        if int(lp_every) < 1:
+            raise ValueError(f"lp_every must be a positive integer, got {lp_every}")
+        for i in range(0, T, int(lp_every)):
+            res = linear_separability(states[i], labels, num_classes=K)
+            sep[i] = np.asarray(res.separable, dtype=float)
+            margin[i] = res.margin
+    return pd.DataFrame({"t": np.repeat(ts, B), "run": np.tile(np.arange(B), T),
+                         "train_loss": loss.ravel(), "accuracy": acc.ravel(),
+                         "ncc_accuracy": ncc.ravel(), "lp_separable": sep.ravel(),
+                         "lp_margin": margin.ravel()})
