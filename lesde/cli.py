@@ -194,6 +194,44 @@ def _add_figures(sub):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None)
     q.set_defaults(func=_run_fig_sgd_vs_sde)
+    q = fs.add_parser("phase", help="draw a phase sweep directory (heat maps or curves per T)")
+    q.add_argument("sweep_dir", help="directory written by `lesde phase`")
+    q.add_argument("--out", default=None, help="PNG (default SWEEP_DIR/phase.png)")
+    q.add_argument("--value", default="p_sep", help="table column to draw (default %(default)s)")
+    q.add_argument("--csv", default=None, help="also copy the table to this CSV file")
+    q.add_argument("--title", default=None)
+    q.add_argument("--theory-c", type=float, default=None,
+                   help="decay sweeps of the I-model: draw the heuristic boundary A(T;r)/K = "
+                   "log(c w(T)/s0) with this c")
+    q.set_defaults(func=_run_fig_phase)
+    q = fs.add_parser("nc", help="NC1..NC4 and the training loss against time, CE drift, several (alpha, beta)")
+    q.add_argument("--out", default="figures/nc_ce_K4.png")
+    q.add_argument("--cases", default="1,0.2;1,1;0.5,1", help="alpha,beta pairs separated by ';'")
+    q.add_argument("--K", type=int, default=4)
+    q.add_argument("--n", type=int, default=50)
+    q.add_argument("--T", type=float, default=2000.0)
+    q.add_argument("--dt", type=float, default=0.5)
+    q.add_argument("--runs", type=int, default=8)
+    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"])
+    q.add_argument("--lr", type=float, default=1.0)
+    q.add_argument("--sigma", type=float, default=0.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(func=_run_fig_nc)
+    q = fs.add_parser("clouds", help="feature clouds of elastic and non-elastic LE-SDEs at a few times")
+    q.add_argument("--out", default="figures/clouds_ce_K3.png")
+    q.add_argument("--cases", default="1,0.2;1,1;0.5,1", help="alpha,beta pairs separated by ';'")
+    q.add_argument("--times", type=_grid_values, default=[0.0, 25.0, 100.0, 400.0])
+    q.add_argument("--K", type=int, default=3)
+    q.add_argument("--n", type=int, default=50)
+    q.add_argument("--drift", default="cross_entropy", choices=["identity", "cross_entropy"])
+    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"])
+    q.add_argument("--lr", type=float, default=1.0)
+    q.add_argument("--sigma", type=float, default=0.0)
+    q.add_argument("--dt", type=float, default=0.5)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(func=_run_fig_clouds)
     # [further figures are added here]
 
 
@@ -224,6 +262,236 @@ def _run_fig_sgd_vs_sde(args):
               f"SDE {np.mean(r['sde_loss'][-1]):.4f}; label coordinate {np.mean(r['disc_coord'][-1]):.3f} "
               f"vs {np.mean(r['sde_coord'][-1]):.3f}")
     print(f"wrote {figures.plot_sgd_vs_sde(results, args.out)}")
+
+
+# --------------------------------------------------------------------------------------------
+# phase sweeps (lesde.phase) and their figures
+# --------------------------------------------------------------------------------------------
+def _grid_values(text: str):
+    """'0.1:1:10' -> 10 values from 0.1 to 1 (numpy.linspace); '0.2,0.5,1' -> a list;
+    words (noise kinds, drift names) stay strings."""
+    import numpy as np
+
+    text = str(text).strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"a range is START:STOP:COUNT, got {text!r}")
+        return [float(v) for v in np.linspace(float(parts[0]), float(parts[1]), int(parts[2]))]
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected values, got {text!r}")
+    try:
+        return [float(v) for v in vals]
+    except ValueError:
+        return vals
+
+
+_PHASE_GRID_ARGS = (("alpha", "intra-class impact alpha0"), ("beta", "inter-class impact beta0"),
+                    ("gap", "alpha - beta (sets alpha = beta + gap)"),
+                    ("r", "decay exponent of both alpha(t) and beta(t)"),
+                    ("r_alpha", "decay exponent of alpha(t) = alpha0 (1 + t/t0)^(-r)"),
+                    ("r_beta", "decay exponent of beta(t)"), ("sigma", "additive noise level"),
+                    ("init_std", "X(0) ~ N(0, init_std^2 I)"), ("K", "number of classes"),
+                    ("n", "samples per class"), ("noise", "additive, sgd or both"),
+                    ("lr", "learning rate h of the SGD noise"), ("t0", "time scale of the decay"))
+
+
+@_subcommand
+def _add_phase(sub):
+    p = sub.add_parser(
+        "phase", help="phase sweep: P(separable at T) over a parameter grid (resumable, Dask)",
+        description="Sweep the LE-SDE over the Cartesian product of the grid arguments (each a "
+        "value, a comma list, or START:STOP:COUNT), R replicates per point, batched and chunked. "
+        "Chunks are written to OUT as they finish; rerunning the same command resumes. The order "
+        "parameter is the training accuracy (= 1) of the model's own read-out for the "
+        "cross-entropy drift and the nearest-class-centre accuracy otherwise; LP separability "
+        "(any affine classifier, a weaker notion) is reported beside it.")
+    g = p.add_argument_group("grid (a single value is a fixed parameter)")
+    for name, text in _PHASE_GRID_ARGS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=_grid_values, default=None, help=text)
+    m = p.add_argument_group("model and scoring")
+    m.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"])
+    m.add_argument("--p", type=int, default=None, help="feature dimension (default K)")
+    m.add_argument("--times", type=_grid_values, default=[400.0], help="times T at which to score (comma list)")
+    m.add_argument("--dt", type=float, default=0.5)
+    m.add_argument("--saves", type=int, default=41, help="save times on [0, max T] (time-to-separation resolution)")
+    m.add_argument("--replicates", type=int, default=8)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--chunk-size", type=int, default=256, help="runs per chunk (bounds memory)")
+    m.add_argument("--loss-threshold", type=float, default=0.1)
+    m.add_argument("--no-lp", action="store_true", help="skip the LP separability test")
+    m.add_argument("--comoving", action="store_true",
+                   help="identity drift, additive noise: simulate in the frame of the grand mean")
+    m.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    r = p.add_argument_group("running")
+    r.add_argument("-o", "--out", required=True, help="sweep directory (config.json, chunks/, table.csv)")
+    r.add_argument("--dask-scheduler", default=None, metavar="ADDRESS", help="run the chunks on this Dask scheduler")
+    r.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of N worker processes")
+    r.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per chunk")
+    r.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_phase)
+
+
+def _phase_spec_from_args(args):
+    from .phase import PhaseSpec
+
+    grid, fixed = [], {}
+    for name, _ in _PHASE_GRID_ARGS:
+        vals = getattr(args, name)
+        if vals is None:
+            continue
+        if len(vals) > 1:
+            grid.append((name, vals))
+        elif name in ("gap", "r"):
+            grid.append((name, vals))
+        else:
+            fixed[name] = vals[0]
+    return PhaseSpec(grid=grid, drift=args.drift, p=args.p, times=tuple(args.times), dt=args.dt,
+                     saves=args.saves, replicates=args.replicates, seed=args.seed,
+                     chunk_size=args.chunk_size, loss_threshold=args.loss_threshold,
+                     lp=not args.no_lp, comoving=args.comoving, dtype=args.dtype, **fixed)
+
+
+def _run_phase(args):
+    import time
+
+    from .phase import run_sweep
+
+    spec = _phase_spec_from_args(args)
+    client = cluster = None
+    if args.dask_scheduler and args.workers:
+        raise ValueError("give --dask-scheduler or --workers, not both")
+    if args.dask_scheduler or args.workers:
+        from distributed import Client, LocalCluster
+
+        if args.workers:
+            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
+            client = Client(cluster)
+        else:
+            client = Client(args.dask_scheduler)
+    n_chunks = len(spec.chunks())
+    print(f"phase sweep {spec.digest()}: {spec.num_points} points x {spec.replicates} replicates, "
+          f"{n_chunks} chunks, times {list(spec.times)}, {spec.drift} drift -> {args.out}"
+          + (f" on {client.dashboard_link}" if client is not None else ""))
+    t0 = time.perf_counter()
+    try:
+        table = run_sweep(spec, args.out, client=client, max_chunks=args.max_chunks, threads=args.threads,
+                          progress=not args.no_progress)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    done = table.attrs.get("complete", False)
+    print(f"{'finished' if done else 'stopped (resume with the same command)'} in "
+          f"{time.perf_counter() - t0:.1f} s; order parameter: {table['notion'].iloc[0]}")
+    for T, g in table.groupby("T"):
+        print(f"  T = {T:g}: mean P(separable) {g['p_sep'].mean():.3f} (order parameter), "
+              f"{g['p_lp'].mean():.3f} (LP, any affine classifier)")
+    if done:
+        print(f"wrote {args.out}/table.csv")
+
+
+def _run_fig_phase(args):
+    import os
+
+    from . import figures
+    from .phase import load_sweep
+
+    spec, table = load_sweep(args.sweep_dir)
+    if not table.attrs.get("complete", False):
+        print("warning: the sweep is not finished; drawing the finished chunks")
+    if args.value not in table.columns:
+        raise ValueError(f"--value {args.value!r} is not a table column; e.g. p_sep, p_lp, p_loss, "
+                         f"loss_mean, nc1_mean, t_sep_mean")
+    out = args.out or os.path.join(args.sweep_dir, "phase.png")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    print(f"wrote {figures.plot_phase(table, out, value=args.value, title=args.title, theory_c=args.theory_c)}")
+
+
+def _cases(text):
+    pairs = []
+    for item in str(text).split(";"):
+        a, b = (float(v) for v in item.split(","))
+        pairs.append((a, b))
+    if not pairs:
+        raise ValueError("--cases needs at least one alpha,beta pair")
+    return pairs
+
+
+def _run_fig_nc(args):
+    import os
+
+    import numpy as np
+
+    from . import figures
+    from .model import LESDE, Impacts
+    from .phase import collapse_over_time
+    from .solvers import initial_state, simulate
+
+    cases = _cases(args.cases)
+    K, R = args.K, args.runs
+    y = np.repeat(np.arange(K), args.n)
+    a = np.repeat([c[0] for c in cases], R)
+    b = np.repeat([c[1] for c in cases], R)
+    sgd = args.noise in ("sgd", "both")
+    sde = LESDE(y, Impacts.intra_inter(a, b, K), "cross_entropy", sigma=args.sigma, noise=args.noise,
+                lr=args.lr if sgd else None)
+    x0 = initial_state(len(a), K * args.n, K, std=0.5, seed=args.seed + 1)
+    ts = np.concatenate([[0.0], np.geomspace(1.0, args.T, 60)])
+    sol = simulate(sde, x0, ts, args.dt, seed=args.seed, record="full", progress=True)
+    names = [f"alpha = {c[0]:g}, beta = {c[1]:g}" for c in cases for _ in range(R)]
+    frame = collapse_over_time(sol.states, y, readout="identity", runs=names)
+    frame.insert(0, "t", sol.ts[frame["time_index"].to_numpy()])
+    summary = frame.drop(columns="time_index").groupby(["run", "t"], sort=False).median().reset_index()
+    summary = summary.rename(columns={"run": "case"})
+    csv = os.path.splitext(args.out)[0] + ".csv"
+    summary.to_csv(csv, index=False, float_format="%.6g")
+    noise = (f"SGD sampling noise, lr = {args.lr:g}" if args.noise == "sgd" else
+             f"additive sigma = {args.sigma:g}" if args.noise == "additive" else
+             f"SGD noise (lr = {args.lr:g}) + additive sigma = {args.sigma:g}")
+    title = f"cross-entropy LE-SDE, K = {K}, n = {args.n}, {noise}; medians over {R} runs"
+    for case, g in summary.groupby("case", sort=False):
+        last = g.iloc[-1]
+        print(f"{case}: at t = {last['t']:g} NC1 {last['nc1']:.3g}, ETF angle {last['etf_angle']:.3g}, "
+              f"equinorm {last['equinorm']:.3g}, NC3 {last['nc3']:.3g}, NC4 {last['nc4']:.3g}, "
+              f"loss {last['loss']:.3g}, accuracy {last['accuracy']:.3g}")
+    print(f"wrote {csv}")
+    print(f"wrote {figures.plot_neural_collapse(summary, args.out, title=title)}")
+
+
+def _run_fig_clouds(args):
+    import numpy as np
+
+    from . import figures
+    from .model import LESDE, Impacts
+    from .solvers import Solution, initial_state, simulate
+
+    cases = _cases(args.cases)
+    K = args.K
+    y = np.repeat(np.arange(K), args.n)
+    a = np.array([c[0] for c in cases])
+    b = np.array([c[1] for c in cases])
+    sgd = args.noise in ("sgd", "both")
+    sde = LESDE(y, Impacts.intra_inter(a, b, K), args.drift, sigma=args.sigma, noise=args.noise,
+                lr=args.lr if sgd else None, dim=K)
+    x0 = initial_state(1, K * args.n, K, std=0.5, seed=args.seed + 1).expand(len(cases), -1, -1)
+    ts = np.unique(np.concatenate([[0.0], np.asarray(args.times, dtype=float)]))
+    sol = simulate(sde, x0, ts, args.dt, seed=args.seed, record="full", progress=True)
+    out = {}
+    for i, (ai, bi) in enumerate(cases):
+        kind = "locally elastic" if ai > bi else "not elastic"
+        out[f"{kind}: alpha = {ai:g}, beta = {bi:g}"] = Solution(
+            ts=sol.ts, labels=sol.labels, class_means=sol.class_means[:, i:i + 1],
+            within_cov=sol.within_cov[:, i:i + 1], states=sol.states[:, i:i + 1],
+            overflow_time=sol.overflow_time[i:i + 1], params=sol.params)
+    noise = f"SGD noise lr = {args.lr:g}" if args.noise == "sgd" else f"{args.noise} noise, sigma = {args.sigma:g}"
+    print(f"wrote {figures.plot_feature_clouds(out, args.out, subtitle=f'{args.drift} drift, K = {K}, n = {args.n}, {noise}')}")
+
 
 # Pattern for a new subcommand (keep imports of heavy modules inside _run_<name>):
 #

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
+           "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
            "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking"]
 
 
@@ -171,5 +172,186 @@ def plot_elasticity_tracking(frame, classes, path) -> str:
             ax.set_title(f"S_rel ({'KL' if m == 'kl' else 'norm ratio'}), update class {classes[a]}", fontsize=9)
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# phase sweeps, neural collapse, feature clouds (lesde.phase)
+# --------------------------------------------------------------------------------------------
+def _swept(table):
+    """Names of the grid parameters with more than one value (from the table's spec)."""
+    spec = table.attrs.get("spec", {})
+    names = [name for name, vals in spec.get("grid", []) if len(vals) > 1]
+    return [n for n in names if n in table.columns]
+
+
+def _decay_boundary(spec: dict, T: float, c: float):
+    """Heuristic boundary r*(T) of an I-model decay sweep: the centred class means grow like
+    exp((A(T; r) - B(T; r))/K) from s0 = init_std sqrt(2/n), the within-class spread is
+    w(T) = sqrt(init_std^2 + sigma^2 T); separation needs exp((A - B)/K) s0 = c w(T)."""
+    from .model import PowerLaw
+
+    rs = np.linspace(0.0, 3.0, 3001)
+    K, n, s, sd, t0 = spec["K"], spec["n"], spec["sigma"], spec["init_std"], spec["t0"]
+    grid = dict((k, v) for k, v in spec["grid"])
+    key = [k for k in ("r", "r_alpha", "r_beta") if k in grid][0]
+    ra = rs if key in ("r", "r_alpha") else np.full_like(rs, spec["r_alpha"])
+    rb = rs if key in ("r", "r_beta") else np.full_like(rs, spec["r_beta"])
+    a0 = grid.get("alpha", [spec["alpha"]])[0]
+    b0 = grid.get("beta", [spec["beta"]])[0]
+    gap = (PowerLaw(a0, ra, t0).integral(T) - PowerLaw(b0, rb, t0).integral(T)) / K
+    need = np.log(c * np.sqrt(sd ** 2 + s ** 2 * T) / (sd * np.sqrt(2.0 / n)))
+    ok = gap >= need
+    if ok.all() or not ok.any():
+        return None
+    return float(rs[np.flatnonzero(np.diff(ok.astype(int)) != 0)[0] + 1])
+
+
+def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
+               theory_c: Optional[float] = None) -> str:
+    """Draw a phase-sweep table (:func:`lesde.phase.run_sweep`), one panel per scoring time T.
+
+    Two swept parameters: heat maps of ``value`` (first grid name on the x axis, the diagonal
+    alpha = beta drawn when the axes are alpha and beta); with ``value="p_sep"`` a second row
+    shows LP separability (any affine classifier, a weaker notion). One swept parameter:
+    curves of ``value`` and of ``p_lp`` against it, one colour per T, with standard errors; a
+    decay exponent on the x axis gets the line r = 1 and, with ``theory_c``, the heuristic
+    boundary of :func:`_decay_boundary` per T (dotted)."""
+    plt = _plt()
+    names = _swept(table)
+    times = sorted(table["T"].unique())
+    notion = str(table["notion"].iloc[0]) if "notion" in table.columns else value
+    spec = table.attrs.get("spec", {})
+    desc = (f"{spec.get('drift', '')} drift, {spec.get('noise', '')} noise"
+            + (f" (lr = {spec.get('lr'):g})" if spec.get("noise") in ("sgd", "both") else "")
+            + (f", sigma = {spec.get('sigma'):g}" if spec.get("noise") in ("additive", "both") else "")
+            + f", K = {spec.get('K')}, n = {spec.get('n')}, {spec.get('replicates')} replicates")
+    label = {"p_sep": f"P(separable at T): {notion} (order parameter)",
+             "p_lp": "P(LP-separable at T): any affine classifier"}.get(value, value)
+    if len(names) == 2:
+        xname, yname = names
+        rows = [(value, label)]
+        if value == "p_sep" and table["p_lp"].notna().any():
+            rows.append(("p_lp", "P(LP-separable at T): any affine classifier (weaker notion)"))
+        fig, axes = plt.subplots(len(rows), len(times), figsize=(3.9 * len(times), 3.5 * len(rows)),
+                                 squeeze=False)
+        xs = np.sort(table[xname].unique())
+        ys = np.sort(table[yname].unique())
+        for r, (col, lab) in enumerate(rows):
+            for c, T in enumerate(times):
+                ax = axes[r, c]
+                g = table[table["T"] == T].pivot_table(index=yname, columns=xname, values=col)
+                g = g.reindex(index=ys, columns=xs)
+                dx = (xs[-1] - xs[0]) / max(len(xs) - 1, 1) / 2
+                dy = (ys[-1] - ys[0]) / max(len(ys) - 1, 1) / 2
+                prob = col.startswith("p_")
+                im = ax.imshow(g.to_numpy(), origin="lower", aspect="auto", cmap="viridis",
+                               extent=[xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy],
+                               vmin=0 if prob else None, vmax=1 if prob else None)
+                if {xname, yname} == {"alpha", "beta"}:
+                    lo, hi = max(xs[0], ys[0]), min(xs[-1], ys[-1])
+                    ax.plot([lo, hi], [lo, hi], "w--", lw=1, label="alpha = beta")
+                    ax.legend(fontsize=7, loc="upper left")
+                ax.set_xlabel(xname)
+                ax.set_ylabel(yname)
+                ax.grid(False)
+                ax.set_title(f"T = {T:g}", fontsize=9)
+                fig.colorbar(im, ax=ax, fraction=0.046)
+            axes[r, 0].annotate(lab, (0, 1.13), xycoords="axes fraction", fontsize=9, weight="bold")
+    elif len(names) == 1:
+        xname = names[0]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, T in enumerate(times):
+            g = table[table["T"] == T].sort_values(xname)
+            color = _PALETTE[i % 10]
+            ax.errorbar(g[xname], g[value], yerr=g.get(f"{value}_se"), color=color, lw=1.6, marker="o",
+                        ms=3, capsize=2, label=f"T = {T:g}: {notion}" if value == "p_sep" else f"T = {T:g}")
+            if value == "p_sep" and g["p_lp"].notna().any():
+                ax.plot(g[xname], g["p_lp"], ls="--", color=color, lw=1, label=f"T = {T:g}: LP (any affine)")
+            if theory_c is not None and xname in ("r", "r_alpha", "r_beta"):
+                rstar = _decay_boundary(spec, T, theory_c)
+                if rstar is not None:
+                    ax.axvline(rstar, color=color, ls=":", lw=1.2)
+        if xname in ("r", "r_alpha", "r_beta"):
+            ax.axvline(1.0, color="k", lw=0.8, label="r = 1 (A(t) diverges iff r <= 1)")
+        ax.set_xlabel(xname)
+        ax.set_ylabel(label if value.startswith("p_") else value)
+        ax.legend(fontsize=7)
+    else:
+        raise ValueError(f"plot_phase draws sweeps over one or two parameters; this one sweeps {names}")
+    fig.suptitle(title or desc, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_neural_collapse(summary, path, title: Optional[str] = None) -> str:
+    """NC1, NC2 (ETF angle, equinorm), NC3, NC4 and the training loss against time, one line per
+    case. ``summary``: columns ``case``, ``t``, ``nc1``, ``etf_angle``, ``equinorm``,
+    ``equiangularity``, ``nc3``, ``nc4``, ``loss`` (e.g. medians of
+    :func:`lesde.phase.collapse_over_time` over runs)."""
+    plt = _plt()
+    panels = [("nc1", "NC1 = Tr(S_W S_B^+)/K", True), ("etf_angle", "NC2: mean |cos + 1/(K-1)|", True),
+              ("equinorm", "NC2: equinorm (CV of |mu_k - mu_G|)", True),
+              ("nc3", "NC3: |W^T/|W| - M/|M||^2 (W = centred I)", False),
+              ("nc4", "NC4: argmax != nearest class mean", False),
+              ("loss", "training cross-entropy of the logits", True)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (col, lab, logy) in zip(axes.ravel(), panels):
+        for i, (case, g) in enumerate(summary.groupby("case", sort=False)):
+            g = g[g["t"] > 0]
+            ax.plot(g["t"], g[col], color=_PALETTE[i % 10], lw=1.8, label=case)
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(lab, fontsize=9)
+        ax.set_xlabel("time t")
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_feature_clouds(cases: Dict[str, "object"], path, run: int = 0, subtitle: str = "") -> str:
+    """Feature clouds at every save time (columns) for each case (rows; title -> Solution with
+    full states): samples minus the grand mean, projected on the plane of the class means at
+    that time (:func:`class_mean_plane`); class means as large markers. Panel titles give the
+    training loss and accuracy of the logits when p = K."""
+    plt = _plt()
+    first = next(iter(cases.values()))
+    T = first.ts.shape[0]
+    fig, axes = plt.subplots(len(cases), T, figsize=(3.3 * T, 3.2 * len(cases)), squeeze=False)
+    for r, (title, sol) in enumerate(cases.items()):
+        y = sol.labels
+        K = int(y.max()) + 1
+        for c in range(T):
+            ax = axes[r, c]
+            X = sol.states[c, run]
+            if not np.isfinite(X).all():
+                ax.set_title(f"t = {sol.ts[c]:g}: overflowed", fontsize=8)
+                continue
+            means = sol.class_means[c, run]
+            grand = means.mean(0)
+            _, basis = class_mean_plane(means)
+            pts = (X - grand) @ basis
+            mp = (means - grand) @ basis
+            for k in range(K):
+                sel = y == k
+                ax.scatter(pts[sel, 0], pts[sel, 1], s=7, color=_PALETTE[k % 10], alpha=0.6,
+                           edgecolors="none", label=f"class {k}" if c == 0 else None)
+                ax.scatter(mp[k, 0], mp[k, 1], s=70, color=_PALETTE[k % 10], marker="X",
+                           edgecolors="k", linewidths=0.6, zorder=3)
+            extra = ""
+            if X.shape[1] == K:
+                loss, acc = training_loss_curve(X[None, None], y)
+                extra = f"\nloss {float(loss[0, 0]):.3g}, acc {float(acc[0, 0]):.2f}"
+            ax.set_title(f"t = {sol.ts[c]:g}{extra}", fontsize=8)
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.tick_params(labelsize=6)
+        axes[r, 0].set_ylabel(title, fontsize=8)
+        axes[r, 0].legend(fontsize=6, loc="best")
+    fig.suptitle("samples minus grand mean, projected on the plane of the class means (X: class means)"
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
