@@ -408,7 +408,7 @@ def _run_fig_phase(args):
                          f"loss_mean, nc1_mean, t_sep_mean")
     out = args.out or os.path.join(args.sweep_dir, "phase.png")
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        table.to_csv(args.csv, index=False, float_format="%.6g")
         print(f"wrote {args.csv}")
     print(f"wrote {figures.plot_phase(table, out, value=args.value, title=args.title, theory_c=args.theory_c)}")
 

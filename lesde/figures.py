@@ -226,15 +226,17 @@ def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
     desc = (f"{spec.get('drift', '')} drift, {spec.get('noise', '')} noise"
             + (f" (lr = {spec.get('lr'):g})" if spec.get("noise") in ("sgd", "both") else "")
             + (f", sigma = {spec.get('sigma'):g}" if spec.get("noise") in ("additive", "both") else "")
-            + f", K = {spec.get('K')}, n = {spec.get('n')}, {spec.get('replicates')} replicates")
+            + f", K = {spec.get('K')}, n = {spec.get('n')}, {spec.get('replicates')} replicates"
+            + (", co-moving frame" if spec.get("comoving") else ""))
     label = {"p_sep": f"P(separable at T): {notion} (order parameter)",
              "p_lp": "P(LP-separable at T): any affine classifier"}.get(value, value)
     if len(names) == 2:
         xname, yname = names
-        rows = [(value, label)]
+        short = {"p_sep": f"P(sep.): {notion}", "p_lp": "P(LP-separable): any affine classifier"}
+        rows = [(value, short.get(value, value))]
         if value == "p_sep" and table["p_lp"].notna().any():
-            rows.append(("p_lp", "P(LP-separable at T): any affine classifier (weaker notion)"))
-        fig, axes = plt.subplots(len(rows), len(times), figsize=(3.9 * len(times), 3.5 * len(rows)),
+            rows.append(("p_lp", "P(LP-separable), weaker notion"))
+        fig, axes = plt.subplots(len(rows), len(times), figsize=(4.0 * len(times), 3.5 * len(rows)),
                                  squeeze=False)
         xs = np.sort(table[xname].unique())
         ys = np.sort(table[yname].unique())
@@ -256,12 +258,11 @@ def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
                 ax.set_xlabel(xname)
                 ax.set_ylabel(yname)
                 ax.grid(False)
-                ax.set_title(f"T = {T:g}", fontsize=9)
+                ax.set_title(f"{lab}, T = {T:g}", fontsize=8.5)
                 fig.colorbar(im, ax=ax, fraction=0.046)
-            axes[r, 0].annotate(lab, (0, 1.13), xycoords="axes fraction", fontsize=9, weight="bold")
     elif len(names) == 1:
         xname = names[0]
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(10.0, 4.2))
         for i, T in enumerate(times):
             g = table[table["T"] == T].sort_values(xname)
             color = _PALETTE[i % 10]
@@ -272,12 +273,20 @@ def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
             if theory_c is not None and xname in ("r", "r_alpha", "r_beta"):
                 rstar = _decay_boundary(spec, T, theory_c)
                 if rstar is not None:
-                    ax.axvline(rstar, color=color, ls=":", lw=1.2)
+                    ax.axvline(rstar, color=color, ls=":", lw=1.2,
+                               label=f"T = {T:g}: exp((A-B)/K) s0 = {theory_c:g} w(T) at r = {rstar:.3f}")
         if xname in ("r", "r_alpha", "r_beta"):
             ax.axvline(1.0, color="k", lw=0.8, label="r = 1 (A(t) diverges iff r <= 1)")
+            grid = dict(spec.get("grid", []))
+            a0 = grid.get("alpha", [spec.get("alpha")])[0]
+            b0 = grid.get("beta", [spec.get("beta")])[0]
+            desc += (f"\nalpha(t) = {a0:g} (1 + t/{spec.get('t0'):g})^(-r_alpha), "
+                     f"beta(t) = {b0:g} (1 + t/{spec.get('t0'):g})^(-r_beta)"
+                     + (f", r_alpha = {spec.get('r_alpha'):g}" if xname == "r_beta" else "")
+                     + (f", r_beta = {spec.get('r_beta'):g}" if xname == "r_alpha" else ""))
         ax.set_xlabel(xname)
         ax.set_ylabel(label if value.startswith("p_") else value)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         raise ValueError(f"plot_phase draws sweeps over one or two parameters; this one sweeps {names}")
     fig.suptitle(title or desc, fontsize=10)
