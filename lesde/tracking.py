@@ -149,7 +149,7 @@ class TrainConfig:
     track_test_per_class: int = 0
     eval_train_size: int = 0
     eval_test_size: int = -1
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
