@@ -367,14 +367,15 @@ def _run_phase(args):
         from distributed import Client, LocalCluster
 
         if args.workers:
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
+            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0")
             client = Client(cluster)
         else:
             client = Client(args.dask_scheduler)
     n_chunks = len(spec.chunks())
     print(f"phase sweep {spec.digest()}: {spec.num_points} points x {spec.replicates} replicates, "
           f"{n_chunks} chunks, times {list(spec.times)}, {spec.drift} drift -> {args.out}"
-          + (f" on {client.dashboard_link}" if client is not None else ""))
+          + (f" on Dask scheduler {client.scheduler.address}" if client is not None else ""))
     t0 = time.perf_counter()
     try:
         table = run_sweep(spec, args.out, client=client, max_chunks=args.max_chunks, threads=args.threads,
