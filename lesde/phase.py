@@ -529,8 +529,8 @@ def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
 
     Returns
     -------
-    pandas.DataFrame, see :func:`summarize_runs`; ``attrs`` carry ``complete``, ``spec`` (dict)
-    and ``runs`` (the per-run DataFrame).
+    pandas.DataFrame, see :func:`summarize_runs`; ``attrs`` carry ``complete`` and ``spec``
+    (dict). The per-run rows are in ``directory/runs.parquet``.
     """
     import pandas as pd
 
