@@ -280,8 +280,9 @@ def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
             grid = dict(spec.get("grid", []))
             a0 = grid.get("alpha", [spec.get("alpha")])[0]
             b0 = grid.get("beta", [spec.get("beta")])[0]
-            desc += (f"\nalpha(t) = {a0:g} (1 + t/{spec.get('t0'):g})^(-r_alpha), "
-                     f"beta(t) = {b0:g} (1 + t/{spec.get('t0'):g})^(-r_beta)"
+            ea, eb = ("r", "r") if xname == "r" else ("r_alpha", "r_beta")
+            desc += (f"\nalpha(t) = {a0:g} (1 + t/{spec.get('t0'):g})^(-{ea}), "
+                     f"beta(t) = {b0:g} (1 + t/{spec.get('t0'):g})^(-{eb})"
                      + (f", r_alpha = {spec.get('r_alpha'):g}" if xname == "r_beta" else "")
                      + (f", r_beta = {spec.get('r_beta'):g}" if xname == "r_alpha" else ""))
         ax.set_xlabel(xname)
