@@ -763,7 +763,7 @@ def train_and_track(
     # the store: create, or resume
     start = 0
     ts = None
-    if os.path.exists(path):
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         ts = TrajectoryStore.open(path, mode="r+")
         if ts.config != config:
             raise ValueError(

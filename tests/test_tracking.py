@@ -162,6 +162,7 @@ def test_batch_size_one_adam_float32(data, tmp_path):
     train, _ = data
     cfg = _config(batch_size=1, optimizer="adam", lr=1e-3, steps=12, log_every=4,
                   track_test_per_class=0, dtype="float32", checkpoint_every=0)
+    (tmp_path / "run").mkdir()  # an existing empty directory becomes a new store
     store = train_and_track(cfg, train, None, tmp_path / "run", progress=False)
     np.testing.assert_array_equal(store.step, [0, 4, 8, 12])
     assert store["features"].dtype == np.float32 and store["features"].shape == (4, 12, 16)
