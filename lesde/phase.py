@@ -336,6 +336,7 @@ def _first_true(flags: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.where(hit, ts[idx], np.nan)
 
 
+@np.errstate(all="ignore")  # overflowed runs are scored as NaN, silently
 def _run_chunk(spec_dict: dict, index: int, threads: Optional[int] = None):
     """Simulate and score chunk ``index`` of the sweep; returns a DataFrame with one row per
     (run, T). Runs in a worker process for Dask, so it takes the spec as a plain dict."""

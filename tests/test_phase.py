@@ -151,3 +151,13 @@ def test_phase_command_and_figure(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     assert main(args[:-1] + [str(out), "--seed", "3"]) == 2  # other config, same directory
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_overflowing_runs_are_counted_not_scored():
+    # the lab-frame I-model with large impacts overflows float64: such runs are reported in
+    # p_overflow and left out of the probabilities instead of counting as "not separable"
+    spec = PhaseSpec(grid={"alpha": [0.1, 300.0]}, beta=0.0, drift="identity", noise="additive",
+                     sigma=0.1, K=3, n=5, times=(100.0,), saves=3, replicates=2, seed=3)
+    t = run_sweep(spec).set_index("alpha")
+    assert t.loc[300.0, "p_overflow"] == 1.0 and np.isnan(t.loc[300.0, "p_sep"])
+    assert t.loc[0.1, "p_overflow"] == 0.0 and t.loc[0.1, "p_sep"] == 1.0
