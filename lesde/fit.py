@@ -728,13 +728,22 @@ class RegressionEstimator(_Estimator):
     one time the K regressors span at most K - 1 dimensions; E is identified only through their
     change over the window, and the direction "add the same number to a row of E" is
     poorly determined while the mean softmax is near uniform (wide intervals, large
-    ``E_se_``). The intra/inter alpha - beta is better determined than alpha + (K - 1) beta.
+    ``E_se_``). The label-projection field is worse: ``Gbar_k = d_k y_k`` with fixed
+    directions d_k summing to zero, so at every time the K regressors are exactly dependent and
+    the full E is identified only through the drift of the ratios y_k / y_l. When E also
+    varies inside a window, such near-dependence turns the misfit into large errors of the
+    individual entries. The two-parameter intra/inter fit (alpha_, beta_) stays well
+    determined in all these cases; check ``condition_`` and ``E_se_`` before reading the
+    full E of a cross-entropy or label-projection fit.
 
     Hyper-parameters
     ----------------
     field : the drift field G: "identity", "label_projection", "cross_entropy", a
         :class:`~lesde.model.DriftField` (e.g. ``CrossEntropyReadout(W)``) or a callable.
     window : increments per window (default: ``max(5, (T - 1) // 20)``, about 20 windows).
+    degree : each entry of E varies inside a window as a polynomial of this degree in time
+        (0: constant per window, the window average; 1: local linear, which removes the
+        first-order bias of a time-varying E; the reported E_ is the value at window_times_).
     n_bootstrap, bootstrap, level, seed : bootstrap as in :class:`IEstimator`; bands for E,
         alpha and beta.
 
@@ -745,15 +754,19 @@ class RegressionEstimator(_Estimator):
     E_ (W, K, K), E_se_ (W, K, K), E_ci_ (2, W, K, K), alpha_, beta_, alpha_se_, beta_se_ (W,),
     alpha_ci_, beta_ci_ (2, W), sigma_ (W,), A_, B_ (W + 1,) cumulative sums of alpha, beta
     times window durations at the window edges' times ``edge_times_``, bands_ (dict E, alpha,
-    beta of bootstrap percentile bands), dof_ (W,) residual degrees of freedom per class row.
+    beta of bootstrap percentile bands), dof_ (W,) residual degrees of freedom per class row,
+    condition_ (W,) condition number of each window's design (large: E poorly identified,
+    see "Identifiability").
     """
 
-    _params = ("field", "window", "n_bootstrap", "bootstrap", "level", "seed")
+    _params = ("field", "window", "degree", "n_bootstrap", "bootstrap", "level", "seed")
 
-    def __init__(self, field="identity", window: Optional[int] = None, n_bootstrap: int = 0,
-                 bootstrap: str = "auto", level: float = 0.95, seed: int = 0):
+    def __init__(self, field="identity", window: Optional[int] = None, degree: int = 0,
+                 n_bootstrap: int = 0, bootstrap: str = "auto", level: float = 0.95,
+                 seed: int = 0):
         self.field = field
         self.window = window
+        self.degree = degree
         self.n_bootstrap = n_bootstrap
         self.bootstrap = bootstrap
         self.level = level
@@ -770,40 +783,57 @@ class RegressionEstimator(_Estimator):
         return np.swapaxes(D, 2, 3), sq
 
     def _solve(self, xbar, gbar, w, ts, edges, with_se: bool):
-        """Full and constrained least squares per window from class means (R, T, K, p)."""
+        """Full and constrained least squares per window from class means (R, T, K, p).
+
+        With ``degree`` d, each entry of E is ``sum_{q<=d} E_q (t_i - t_w)^q`` inside window w
+        (t_w its mean left-endpoint time); E_ reports E_0, the value at t_w."""
         R, T, K, p = xbar.shape
+        d = int(self.degree)
         D, sq = self._design(gbar, w, ts)                             # (R, T-1, p, K)
         Y = np.diff(xbar, axis=1) / sq[None, :, None, None]           # (R, T-1, K, p)
+        left = ts[:-1]
         Wn = len(edges) - 1
         E = np.empty((Wn, K, K))
         se = np.empty((Wn, K, K))
         ab = np.empty((Wn, 2))
         ab_se = np.empty((Wn, 2))
         dof = np.empty(Wn)
+        cond = np.empty(Wn)
+        fitted = np.empty((R, T - 1, K, p)) if with_se else None
         for w_i in range(Wn):
             a, b = edges[w_i], edges[w_i + 1]
-            X = D[:, a:b].reshape(-1, K)                              # rows: (r, i, coord)
+            tc = left[a:b].mean()
+            powers = (left[a:b] - tc)[:, None] ** np.arange(d + 1)[None, :]      # (n, d+1)
+            Dw = D[:, a:b]                                            # (R, n, p, K)
+            X = (Dw[..., None] * powers[None, :, None, None, :]).reshape(-1, K * (d + 1))
             Yw = np.swapaxes(Y[:, a:b], 2, 3).reshape(-1, K)          # columns: class c
-            coef, *_ = np.linalg.lstsq(X, Yw, rcond=None)             # (K cols k, K classes c)
-            E[w_i] = coef.T
-            # constrained: rows (r, i, coord, c), columns (alpha, beta)
-            own = np.einsum("mk,kc->mc", X, np.eye(K))                # X[:, c]
-            tot = X.sum(axis=1, keepdims=True)
-            Xc = np.stack([own, tot - own], axis=-1).reshape(-1, 2)   # (m K, 2)
-            yc = Yw.reshape(-1)
+            coef, *_ = np.linalg.lstsq(X, Yw, rcond=None)             # (K (d+1), K classes)
+            E[w_i] = coef.reshape(K, d + 1, K)[:, 0, :].T
+            # constrained: rows (r, i, coord, c), columns (alpha_q, beta_q)
+            own = np.swapaxes(Dw, 2, 3)                               # (R, n, K=c, p)
+            other = Dw.sum(axis=3)[:, :, None, :] - own               # (R, n, c, p)
+            Xc = np.stack([own, other], -1)[..., None] * powers[None, :, None, None, None, :]
+            Xc = np.swapaxes(Xc, 2, 3).reshape(-1, 2 * (d + 1))       # rows (r, i, p, c)
+            yc = np.swapaxes(Y[:, a:b], 2, 3).reshape(-1)
             cab, *_ = np.linalg.lstsq(Xc, yc, rcond=None)
-            ab[w_i] = cab
+            ab[w_i] = cab.reshape(2, d + 1)[:, 0]
             if with_se:
-                n_rows = X.shape[0]
-                dof[w_i] = n_rows - K
-                res = Yw - X @ coef
-                s2 = (res ** 2).sum(axis=0) / max(n_rows - K, 1)       # (K,) per class
-                xtx_inv = np.linalg.pinv(X.T @ X)
-                se[w_i] = np.sqrt(np.maximum(s2[:, None] * np.diag(xtx_inv)[None, :], 0.0))
+                n_rows, n_cols = X.shape
+                dof[w_i] = n_rows - n_cols
+                cond[w_i] = np.linalg.cond(X)
+                pred = X @ coef
+                fitted[:, a:b] = np.swapaxes(pred.reshape(R, b - a, p, K), 2, 3) \
+                    * sq[None, a:b, None, None]
+                res = Yw - pred
+                s2 = (res ** 2).sum(axis=0) / max(n_rows - n_cols, 1)  # (K,) per class
+                diag = np.diag(np.linalg.pinv(X.T @ X)).reshape(K, d + 1)[:, 0]
+                se[w_i] = np.sqrt(np.maximum(s2[:, None] * diag[None, :], 0.0))
                 rc = yc - Xc @ cab
-                s2c = float(rc @ rc) / max(Xc.shape[0] - 2, 1)
-                ab_se[w_i] = np.sqrt(np.maximum(s2c * np.diag(np.linalg.pinv(Xc.T @ Xc)), 0.0))
-        return E, se, ab, ab_se, dof
+                s2c = float(rc @ rc) / max(Xc.shape[0] - Xc.shape[1], 1)
+                diag_c = np.diag(np.linalg.pinv(Xc.T @ Xc)).reshape(2, d + 1)[:, 0]
+                ab_se[w_i] = np.sqrt(np.maximum(s2c * diag_c, 0.0))
+        self._cond = cond
+        return E, se, ab, ab_se, dof, fitted
 
     def fit(self, trajectory, **kwargs) -> "RegressionEstimator":
         """Fit E(t) per window, alpha, beta, sigma (and bootstrap bands) on ``trajectory``
@@ -814,20 +844,24 @@ class RegressionEstimator(_Estimator):
         if self.window is not None and (int(self.window) != self.window or self.window < 1):
             raise ValueError(f"window must be a positive integer (increments per window), got "
                              f"{self.window}")
+        if int(self.degree) != self.degree or self.degree < 0:
+            raise ValueError(f"degree must be a non-negative integer, got {self.degree}")
         traj = as_trajectory(trajectory, **kwargs)
         K, p = traj.K, traj.p
         n_inc = traj.T - 1
         window = int(self.window) if self.window is not None else max(5, n_inc // 20)
         window = min(window, n_inc)
         edges = _window_edges(n_inc, window)
-        if n_inc * p * traj.R < K:
-            raise ValueError(f"too few increments ({n_inc} x p = {p} x R = {traj.R}) to estimate "
-                             f"K = {K} impacts per class")
+        n_cols = K * (int(self.degree) + 1)
+        if min(np.diff(edges)) * p * traj.R <= n_cols:
+            raise ValueError(f"window = {window} increments x p = {p} x R = {traj.R} trials give "
+                             f"too few rows to estimate {n_cols} coefficients per class; use a "
+                             "longer window or a lower degree")
         G = _field_values(self.field, traj)                           # (R, T, N, p)
         xbar = traj.class_means()
         gbar = _class_means(G, traj.labels, K)
         w = traj.class_weights
-        E, se, ab, ab_se, dof = self._solve(xbar, gbar, w, traj.ts, edges, True)
+        E, se, ab, ab_se, dof, fitted = self._solve(xbar, gbar, w, traj.ts, edges, True)
         q = student_t.ppf(0.5 + self.level / 2, np.maximum(dof, 1))
         self.ts_ = traj.ts
         self.K_ = K
@@ -844,15 +878,13 @@ class RegressionEstimator(_Estimator):
         self.alpha_ci_ = np.stack([self.alpha_ - q * self.alpha_se_, self.alpha_ + q * self.alpha_se_])
         self.beta_ci_ = np.stack([self.beta_ - q * self.beta_se_, self.beta_ + q * self.beta_se_])
         self.dof_ = dof
+        self.condition_ = self._cond.copy()
         dur = np.diff(self.window_bounds_, axis=1)[:, 0]
         self.A_ = np.concatenate([[0.0], np.cumsum(self.alpha_ * dur)])
         self.B_ = np.concatenate([[0.0], np.cumsum(self.beta_ * dur)])
-        # sigma from per-sample residuals
-        drift = np.einsum("wck,rtkp->rtwcp", E, gbar[:, :-1] * w[None, None, :, None])
-        win_of = np.repeat(np.arange(len(edges) - 1), np.diff(edges))   # (T-1,)
-        drift = drift[:, np.arange(n_inc), win_of]                      # (R, T-1, K, p)
+        # sigma from per-sample residuals around the fitted class-mean increments
         dt = np.diff(traj.ts)
-        res = np.diff(traj.features, axis=1) - drift[:, :, traj.labels] * dt[None, :, None, None]
+        res = np.diff(traj.features, axis=1) - fitted[:, :, traj.labels]
         per_t = (res ** 2).mean(axis=(0, 2, 3)) / dt                    # (T-1,)
         self.sigma_ = np.sqrt(np.array([per_t[a:b].mean() for a, b in zip(edges[:-1], edges[1:])]))
         self.bands_ = {}
@@ -878,7 +910,7 @@ class RegressionEstimator(_Estimator):
             wts = None if weights is None else [wk[sl] for wk in weights]
             m = _resampled_means(both, traj.labels, traj.K, trials[sl], wts)
             for j in range(m.shape[0]):
-                E, _, ab, _, _ = self._solve(m[j, ..., :p], m[j, ..., p:], traj.class_weights,
+                E, _, ab, _, _, _ = self._solve(m[j, ..., :p], m[j, ..., p:], traj.class_weights,
                                              traj.ts, edges, False)
                 E_b[s + j], ab_b[s + j] = E, ab
         self.bootstrap_E_ = E_b
