@@ -170,8 +170,8 @@ class Trajectory:
 
 
 def _class_means(x: np.ndarray, labels: np.ndarray, K: int) -> np.ndarray:
-    onehot = np.eye(K)[labels] / np.bincount(labels, minlength=K)
-    return np.einsum("rtnp,nk->rtkp", x, onehot, optimize=True)
+    weights = (np.eye(K)[labels] / np.bincount(labels, minlength=K)).T     # (K, N)
+    return np.matmul(weights, x)                                           # (R, T, K, p)
 
 
 def _is_store(obj) -> bool:
@@ -679,14 +679,18 @@ def _field_values(field, traj: Trajectory) -> np.ndarray:
 
     from .model import make_field
 
+    from .model import Identity
+
     fld = make_field(field)
     fld.check(traj.p, traj.K)
+    if type(fld) is Identity:
+        return traj.features                                           # G(x, k) = x
     out = np.empty_like(traj.features)
     y = torch.as_tensor(traj.labels)
-    for r in range(traj.R):
+    with torch.no_grad():
         for i, t in enumerate(traj.ts):
-            x = torch.as_tensor(traj.features[r, i][None])
-            out[r, i] = np.asarray(fld(x, y, float(t), num_classes=traj.K))[0]
+            x = torch.from_numpy(traj.features[:, i])                 # (R, N, p)
+            out[:, i] = fld(x, y, float(t), num_classes=traj.K).numpy()
     return out
 
 
@@ -885,10 +889,16 @@ class RegressionEstimator(_Estimator):
         dur = np.diff(self.window_bounds_, axis=1)[:, 0]
         self.A_ = np.concatenate([[0.0], np.cumsum(self.alpha_ * dur)])
         self.B_ = np.concatenate([[0.0], np.cumsum(self.beta_ * dur)])
-        # sigma from per-sample residuals around the fitted class-mean increments
+        # sigma from per-sample residuals around the fitted class-mean increments f_k:
+        # sum_j |dX_j - f_{y_j}|^2 = sum_j |dX_j|^2 - 2 sum_k n_k f_k . dXbar_k + sum_k n_k |f_k|^2
         dt = np.diff(traj.ts)
-        res = np.diff(traj.features, axis=1) - fitted[:, :, traj.labels]
-        per_t = (res ** 2).mean(axis=(0, 2, 3)) / dt                    # (T-1,)
+        n_k = traj.counts.astype(float)
+        sq_inc = np.array([((traj.features[:, i + 1] - traj.features[:, i]) ** 2).sum()
+                           for i in range(n_inc)])
+        dxbar = np.diff(xbar, axis=1)                                   # (R, T-1, K, p)
+        rss = (sq_inc - 2 * np.einsum("rtkp,rtkp,k->t", fitted, dxbar, n_k)
+               + np.einsum("rtkp,rtkp,k->t", fitted, fitted, n_k))
+        per_t = np.maximum(rss, 0.0) / (traj.R * traj.N * p) / dt       # (T-1,)
         self.sigma_ = np.sqrt(np.array([per_t[a:b].mean() for a, b in zip(edges[:-1], edges[1:])]))
         self.bands_ = {}
         self.bootstrap_mode_ = None
