@@ -67,7 +67,7 @@ _BOOTSTRAP_MODES = ("auto", "samples", "trials", "both", "none")
 # ============================================================================================
 # Input adapter
 # ============================================================================================
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trajectory:
     r"""Feature trajectories of N tracked samples over T times, in R independent trials.
 
@@ -968,7 +968,7 @@ class RegressionEstimator(_Estimator):
 # ============================================================================================
 # Goodness of fit
 # ============================================================================================
-@dataclass
+@dataclass(eq=False)
 class GoodnessOfFit:
     """How well a fitted SDE imitates a logged trajectory (arrays a figure needs included).
 
