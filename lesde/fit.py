@@ -520,9 +520,10 @@ class _ModeEstimator(_Estimator):
         self.bands_ = {"A": _percentile_band(A_b, self.level), "B": _percentile_band(B_b, self.level),
                        "alpha": _percentile_band(alpha_b, self.level),
                        "beta": _percentile_band(beta_b, self.level)}
-        self.se_ = {"A": np.nanstd(A_b, axis=0, ddof=1), "B": np.nanstd(B_b, axis=0, ddof=1),
-                    "alpha": np.nanstd(alpha_b, axis=0, ddof=1),
-                    "beta": np.nanstd(beta_b, axis=0, ddof=1)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN times stay NaN
+            self.se_ = {name: np.nanstd(v, axis=0, ddof=1) for name, v in
+                        (("A", A_b), ("B", B_b), ("alpha", alpha_b), ("beta", beta_b))}
 
     def tail_index(self, tail: float = 0.5, which: str = "A") -> dict:
         """Tail index r of the fitted intra- (``which="A"``) or inter-class (``"B"``) impact,

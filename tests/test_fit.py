@@ -438,3 +438,26 @@ def test_goodness_of_fit_identity_and_cross_entropy():
     gof = goodness_of_fit(log, reg, "cross_entropy", n_paths=50, seed=1)
     assert gof.r2 > 0.95 and gof.accuracy_mae < 0.1, gof.summary()
     assert np.isfinite(gof.logged_accuracy).all() and set(gof.summary()) >= {"r2", "coverage"}
+
+
+def test_fit_a_real_trajectory_store(tmp_path):
+    """A tiny logged training run: the adapter reads the train split's logits at t = step * lr,
+    and every estimator and the goodness of fit run on it."""
+    from lesde.tracking import TrainConfig, train_and_track
+
+    g = torch.Generator().manual_seed(0)
+    K, n = 3, 40
+    y = torch.arange(K).repeat(n)
+    x = torch.randn(K * n, 5, generator=g) + 2 * torch.nn.functional.one_hot(y, 5).float()
+    cfg = TrainConfig(net="mlp", num_classes=K, net_kwargs={"in_dim": 5, "hidden": [16]},
+                      lr=0.05, batch_size=1, steps=200, log_every=10, track_per_class=10, seed=0)
+    store = train_and_track(cfg, (x, y), store=str(tmp_path / "run"), progress=False)
+    tr = as_trajectory(str(tmp_path / "run"))
+    assert tr.features.shape == (1, 21, 30, K) and np.allclose(tr.ts, 0.05 * store.step)
+    assert as_trajectory(store, what="features").p == 16
+    est = IEstimator(n_bootstrap=20, on_empty="nan").fit(store)
+    assert est.A_.shape == (21,) and est.bands_["A"].shape == (2, 21)
+    reg = RegressionEstimator("cross_entropy", window=5, n_bootstrap=10).fit(store)
+    assert reg.E_.shape == (4, K, K) and np.all(np.isfinite(reg.alpha_))
+    gof = goodness_of_fit(store, reg, "cross_entropy", n_paths=10)
+    assert 0 <= gof.coverage <= 1 and np.isfinite(gof.r2)
