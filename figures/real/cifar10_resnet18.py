@@ -1,0 +1,168 @@
+"""The committed real run: ResNet-18 (width 1/4) on three CIFAR-10 classes, tracked.
+
+Trains with :func:`lesde.tracking.train_and_track` (resumable: run the same command again after
+an interruption), then exports the small outputs beside this file:
+
+- ``cifar10_resnet18_summary.npz``: step (T,), time (T,) (lr-scaled, step * lr), the metrics (T,),
+  the logits of every tracked sample (T, M, K), labels / split / index (M,), the class-mean
+  features and logits of the tracked train and test samples (T, K, p) and (T, K, K), and the
+  measured impacts (impact_step, impact_time (T',), E (T', K, K), alpha, beta (T',));
+- ``cifar10_resnet18_metrics.csv``: step, time and the four metrics;
+- ``cifar10_resnet18_impacts.csv``: step, time, alpha_hat, beta_hat and E_hat's entries;
+- ``cifar10_resnet18_config.json``: the run's TrainConfig;
+- ``cifar10_resnet18_logits.png``: class-mean logits over training, accuracy and loss, and the
+  measured alpha_hat(t) vs beta_hat(t).
+
+Usage (from the repository root, CIFAR-10 location in ``LESDE_CIFAR10``)::
+
+    OMP_NUM_THREADS=1 python figures/real/cifar10_resnet18.py [--store runs/cifar10_resnet18]
+        [--epochs 20] [--export-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLASSES = ("airplane", "automobile", "bird")
+
+
+def make_config(epochs: float):
+    """The run's configuration (K = 3, 2,500 train images per class, batch 128)."""
+    from lesde.tracking import TrainConfig
+
+    return TrainConfig(
+        net="resnet18", num_classes=3, net_kwargs={"width": 0.25},
+        optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=5e-4, batch_size=128,
+        epochs=epochs, log_every=8, track_per_class=100, track_test_per_class=100,
+        eval_train_size=600, eval_test_size=600, eval_batch_size=200, seed=0,
+        dtype="float32", device="cpu", checkpoint_every=58, impacts_every=120,
+        impacts_per_class=30, impacts_output="logits", class_names=CLASSES,
+    )
+
+
+def train(store: str, epochs: float) -> None:
+    import torch
+
+    from lesde.data import load_cifar10
+    from lesde.tracking import train_and_track
+
+    path = os.environ.get("LESDE_CIFAR10")
+    if not path:
+        raise SystemExit("set LESDE_CIFAR10 to the CIFAR-10 zip, image folder or batches dir")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tr = load_cifar10(path, "train", classes=CLASSES, per_class=2500, seed=0, as_tensor=True)
+    te = load_cifar10(path, "test", classes=CLASSES, as_tensor=True)
+    train_and_track(make_config(epochs), tr, te, store, progress=True)
+
+
+def export(store_path: str) -> None:
+    from lesde.tracking import load_store
+
+    st = load_store(store_path)
+    cfg = st.config
+    met = st.metrics()
+    out = dict(met)
+    out.update(logits=st.array("logits").astype(np.float32), labels=st.labels, split=st.split,
+               index=st.index, class_names=np.array(st.class_names))
+    for split in ("train", "test"):
+        out[f"class_mean_logits_{split}"] = st.class_means("logits", split)
+        out[f"class_mean_features_{split}"] = st.class_means("features", split)
+    if cfg.impacts_every:
+        imp = st.impacts()
+        out.update(impact_step=imp["step"], impact_time=imp["time"], E=imp["E"],
+                   alpha=imp["alpha"], beta=imp["beta"])
+    np.savez_compressed(os.path.join(HERE, "cifar10_resnet18_summary.npz"), **out)
+    with open(os.path.join(HERE, "cifar10_resnet18_config.json"), "w") as fh:
+        fh.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    names = ("step", "time", "train_loss", "train_acc", "test_loss", "test_acc")
+    with open(os.path.join(HERE, "cifar10_resnet18_metrics.csv"), "w") as fh:
+        fh.write(",".join(names) + "\n")
+        for row in zip(*(met[n] for n in names)):
+            fh.write(f"{row[0]:d},{row[1]:.6g}," + ",".join(f"{v:.6g}" for v in row[2:]) + "\n")
+    if cfg.impacts_every:
+        k = cfg.num_classes
+        with open(os.path.join(HERE, "cifar10_resnet18_impacts.csv"), "w") as fh:
+            fh.write("step,time,alpha_hat,beta_hat,"
+                     + ",".join(f"E_{a}{b}" for a in range(k) for b in range(k)) + "\n")
+            for s, t, a, b, e in zip(imp["step"], imp["time"], imp["alpha"], imp["beta"],
+                                     imp["E"]):
+                fh.write(f"{s:d},{t:.6g},{a:.6g},{b:.6g},"
+                         + ",".join(f"{v:.6g}" for v in e.ravel()) + "\n")
+    _figure(st, os.path.join(HERE, "cifar10_resnet18_logits.png"))
+    print(f"T={len(st)} final step {met['step'][-1]}: train_acc {met['train_acc'][-1]:.4f} "
+          f"test_acc {met['test_acc'][-1]:.4f} train_loss {met['train_loss'][-1]:.4f} "
+          f"test_loss {met['test_loss'][-1]:.4f}")
+
+
+def _figure(st, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = st.config
+    names = st.class_names
+    t = st.time
+    met = st.metrics()
+    cm_tr = st.class_means("logits", "train")
+    cm_te = st.class_means("logits", "test")
+    colors = ["C0", "C1", "C2", "C3", "C4"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), constrained_layout=True)
+    for k, ax in enumerate(axes[0]):
+        for j in range(cfg.num_classes):
+            ax.plot(t, cm_tr[:, k, j], color=colors[j], lw=1.6, label=f"logit {names[j]}")
+            ax.plot(t, cm_te[:, k, j], color=colors[j], lw=1.0, ls="--")
+        ax.set_title(f"class-mean logits of class '{names[k]}'")
+        ax.set_xlabel("lr-scaled time t = step x lr")
+        ax.axhline(0, color="0.7", lw=0.5)
+        if k == 0:
+            ax.legend(fontsize=8, title="solid: train, dashed: test", title_fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(t, met["train_acc"], label="train (600 fixed)")
+    ax.plot(t, met["test_acc"], label="test (600 fixed)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("accuracy")
+    ax.set_xlabel("lr-scaled time t")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    ax.plot(t, met["train_loss"], label="train")
+    ax.plot(t, met["test_loss"], label="test")
+    ax.set_yscale("log")
+    ax.set_title("cross-entropy loss")
+    ax.set_xlabel("lr-scaled time t")
+    ax.legend(fontsize=8)
+    ax = axes[1, 2]
+    if cfg.impacts_every:
+        imp = st.impacts()
+        ax.plot(imp["time"], imp["alpha"], "o-", label=r"$\hat\alpha$ (intra-class)")
+        ax.plot(imp["time"], imp["beta"], "s-", label=r"$\hat\beta$ (inter-class)")
+        ax.set_yscale("log")
+        ax.set_title(f"measured impacts (logits, {cfg.impacts_per_class}/class)")
+        ax.set_xlabel("lr-scaled time t")
+        ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
+    fig.suptitle(f"CIFAR-10 {', '.join(names)}: ResNet-18 x{cfg.net_kwargs.get('width', 1)}, "
+                 f"SGD lr {cfg.lr}, momentum {cfg.momentum}, batch {cfg.batch_size}; "
+                 f"{cfg.track_per_class} tracked train samples per class")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default=os.path.join("runs", "cifar10_resnet18"))
+    p.add_argument("--epochs", type=float, default=20.0)
+    p.add_argument("--export-only", action="store_true")
+    args = p.parse_args()
+    if not args.export_only:
+        train(args.store, args.epochs)
+    export(args.store)
+
+
+if __name__ == "__main__":
+    main()
