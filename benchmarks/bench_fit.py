@@ -62,8 +62,10 @@ def _timing(repeats):
     cases = {
         "IEstimator": (lambda nb: IEstimator(n_bootstrap=nb).fit(feats)),
         "LEstimator (logits, p = K)": (lambda nb: LEstimator(n_bootstrap=nb).fit(logits)),
-        "RegressionEstimator identity": (lambda nb: RegressionEstimator("identity", n_bootstrap=nb).fit(feats)),
-        "RegressionEstimator readout": (lambda nb: RegressionEstimator(readout, n_bootstrap=nb).fit(feats)),
+        "RegressionEstimator identity": (
+            lambda nb: RegressionEstimator("identity", n_bootstrap=nb).fit(feats)),
+        "RegressionEstimator readout": (
+            lambda nb: RegressionEstimator(readout, n_bootstrap=nb).fit(feats)),
         "RegressionEstimator cross_entropy (logits)": (
             lambda nb: RegressionEstimator("cross_entropy", n_bootstrap=nb).fit(logits)),
     }
@@ -165,10 +167,11 @@ def _coverage(replicates):
             est = RegressionEstimator("identity", window=20, n_bootstrap=60, seed=done).fit(
                 Trajectory(ts, sol.states[:, r], y))
             ci = est.E_ci_[:, 0, 0]
+            band = est.bands_["alpha"][:, 0]
             hits += np.concatenate([(ci[0] <= E0[0]) & (E0[0] <= ci[1]),
                                     [est.alpha_ci_[0, 0] <= alpha <= est.alpha_ci_[1, 0],
                                      est.beta_ci_[0, 0] <= beta <= est.beta_ci_[1, 0],
-                                     est.bands_["alpha"][0, 0] <= alpha <= est.bands_["alpha"][1, 0]]])
+                                     band[0] <= alpha <= band[1]]])
             done += 1
     names = [f"E[0,{k}] (least squares)" for k in range(K)] + [
         "alpha (least squares)", "beta (least squares)", "alpha (sample bootstrap)"]

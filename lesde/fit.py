@@ -44,7 +44,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field as dc_field
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -109,7 +109,8 @@ class Trajectory:
         y = np.asarray(self.labels)
         if y.ndim != 1 or y.shape[0] != x.shape[2]:
             raise ValueError(f"labels must have shape (N,) = ({x.shape[2]},), got {y.shape}")
-        if y.size and not np.all(np.asarray(y, dtype=float) == np.round(np.asarray(y, dtype=float))):
+        yf = np.asarray(y, dtype=float)
+        if y.size and not np.all(yf == np.round(yf)):
             raise ValueError("labels must be integers")
         y = y.astype(np.int64)
         K = int(self.num_classes) if self.num_classes is not None else int(y.max()) + 1
@@ -326,7 +327,8 @@ def tail_index(ts, values, tail: float = 0.5, kind: str = "integral") -> dict:
     slope = float(coef[1])
     r = 1.0 - slope if kind == "integral" else -slope
     return {"r": r, "r_se": float(math.sqrt(max(cov[1, 1], 0.0))), "slope": slope,
-            "n_points": int(x.size), "t_min": float(math.exp(x[0])), "t_max": float(math.exp(x[-1]))}
+            "n_points": int(x.size), "t_min": float(math.exp(x[0])),
+            "t_max": float(math.exp(x[-1]))}
 
 
 # ============================================================================================
@@ -477,7 +479,8 @@ class _ModeEstimator(_Estimator):
         self.A_trials_, self.B_trials_ = A_r, B_r
         self.n_terms_ = n_terms
         self.A_, self.B_ = A, B
-        self.window_ = self.window if self.window is not None else default_window(traj.T, self.order)
+        self.window_ = (self.window if self.window is not None
+                        else default_window(traj.T, self.order))
         self.alpha_ = _nan_safe_derivative(traj.ts, A, self.window_, self.order)
         self.beta_ = _nan_safe_derivative(traj.ts, B, self.window_, self.order)
         self.bands_ = {}
@@ -517,7 +520,8 @@ class _ModeEstimator(_Estimator):
         alpha_b = _nan_safe_derivative(traj.ts, A_b, self.window_, self.order)
         beta_b = _nan_safe_derivative(traj.ts, B_b, self.window_, self.order)
         self.bootstrap_A_, self.bootstrap_B_ = A_b, B_b
-        self.bands_ = {"A": _percentile_band(A_b, self.level), "B": _percentile_band(B_b, self.level),
+        self.bands_ = {"A": _percentile_band(A_b, self.level),
+                       "B": _percentile_band(B_b, self.level),
                        "alpha": _percentile_band(alpha_b, self.level),
                        "beta": _percentile_band(beta_b, self.level)}
         with warnings.catch_warnings():
@@ -649,7 +653,8 @@ class LEstimator(_ModeEstimator):
 
     def _core(self, means, K):
         S = means.shape[0]
-        y = (np.diagonal(means, axis1=2, axis2=3) - means.mean(axis=3)) / (1.0 - 1.0 / K)  # (S, T, K)
+        # y_k = d_k . Xbar_k / |d_k|^2 = (Xbar_kk - mean_j Xbar_kj) / (1 - 1/K), shape (S, T, K)
+        y = (np.diagonal(means, axis1=2, axis2=3) - means.mean(axis=3)) / (1.0 - 1.0 / K)
         ybar = y.mean(axis=2)                                       # (S, T)
         dev = y - ybar[:, :, None]                                  # (S, T, K)
         scale = np.maximum(np.abs(y[:, 0]).max(axis=1), 1e-300)     # (S,)
@@ -883,7 +888,8 @@ class RegressionEstimator(_Estimator):
         self.E_ci_ = np.stack([E - q[:, None, None] * se, E + q[:, None, None] * se])
         self.alpha_, self.beta_ = ab[:, 0], ab[:, 1]
         self.alpha_se_, self.beta_se_ = ab_se[:, 0], ab_se[:, 1]
-        self.alpha_ci_ = np.stack([self.alpha_ - q * self.alpha_se_, self.alpha_ + q * self.alpha_se_])
+        self.alpha_ci_ = np.stack([self.alpha_ - q * self.alpha_se_,
+                                   self.alpha_ + q * self.alpha_se_])
         self.beta_ci_ = np.stack([self.beta_ - q * self.beta_se_, self.beta_ + q * self.beta_se_])
         self.dof_ = dof
         self.condition_ = self._cond.copy()

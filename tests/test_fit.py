@@ -116,9 +116,12 @@ def test_trajectory_from_arrays_solution_and_store():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: Trajectory(np.arange(3.0), np.zeros((3, 6)), np.zeros(6)), "features must have shape"),
-    (lambda: Trajectory(np.arange(4.0), np.zeros((3, 6, 2)), _labels(3, 2)), "features has 3 times"),
-    (lambda: Trajectory([0.0, 2.0, 1.0], np.zeros((3, 6, 2)), _labels(3, 2)), "strictly increasing"),
-    (lambda: Trajectory(np.arange(3.0), np.zeros((3, 6, 2)), _labels(3, 3)), "labels must have shape"),
+    (lambda: Trajectory(np.arange(4.0), np.zeros((3, 6, 2)), _labels(3, 2)),
+     "features has 3 times"),
+    (lambda: Trajectory([0.0, 2.0, 1.0], np.zeros((3, 6, 2)), _labels(3, 2)),
+     "strictly increasing"),
+    (lambda: Trajectory(np.arange(3.0), np.zeros((3, 6, 2)), _labels(3, 3)),
+     "labels must have shape"),
     (lambda: Trajectory(np.arange(3.0), np.zeros((3, 6, 2)), np.array([0, 0, 1, 1, 3, 3])),
      r"class\(es\) \[2\] have no"),
     (lambda: Trajectory(np.arange(3.0), np.full((3, 6, 2), np.nan), _labels(3, 2)), "non-finite"),
@@ -326,7 +329,8 @@ def _euler_truth(alpha, beta, K, dt, t, field):
         r1, r2 = np.log1p(dt * l1) / dt, np.log1p(dt * l2) / dt
         a, b = r1 + (K - 1) * r2, r1 - r2
     else:
-        u, v = K * np.log1p(dt * (alpha - beta) / K) / dt, K * np.log1p(dt * (alpha + beta / (K - 1)) / K) / dt
+        u = K * np.log1p(dt * (alpha - beta) / K) / dt
+        v = K * np.log1p(dt * (alpha + beta / (K - 1)) / K) / dt
         b = (K - 1) * (v - u) / K
         a = u + b
     return a * t, b * t, a, b
@@ -370,7 +374,8 @@ def test_bootstrap_bands_cover_truth_replicated(field, Est):
 def test_trials_bootstrap_and_multi_trial_average():
     K, R = 3, 12
     y = _labels(K, 30)
-    x0 = _class_means0(K, K, "identity")[y] + 0.3 * np.random.default_rng(0).standard_normal((90, K))
+    noise = np.random.default_rng(0).standard_normal((90, K))
+    x0 = _class_means0(K, K, "identity")[y] + 0.3 * noise
     ts = np.linspace(0, 2, 21)
     sol = simulate(m.LESDE(y, m.Impacts.intra_inter(1.0, 0.3, K), "identity", sigma=0.3, dim=K),
                    x0, ts, 0.02, seed=5, num_runs=R)
@@ -419,7 +424,8 @@ def test_regression_intervals_cover_truth_replicated():
 def test_goodness_of_fit_identity_and_cross_entropy():
     K = 3
     y = _labels(K, 30)
-    x0 = _class_means0(K, K, "identity")[y] + 0.3 * np.random.default_rng(0).standard_normal((90, K))
+    noise = np.random.default_rng(0).standard_normal((90, K))
+    x0 = _class_means0(K, K, "identity")[y] + 0.3 * noise
     ts = np.linspace(0, 2, 21)
     imp = m.Impacts.intra_inter(1.0, 0.3, K)
     log = simulate(m.LESDE(y, imp, "identity", sigma=0.2, dim=K), x0, ts, 0.02, seed=7)
