@@ -588,7 +588,8 @@ class IEstimator(_ModeEstimator):
         within each class, in every trial), "trials" (resample whole trials), "both", "none".
     level : confidence level of the percentile bands (0.95).
     seed : seed of the bootstrap's numpy Generator.
-    rel_tol, on_empty : see the rule above.
+    rel_tol, on_empty : see the rule above. On noisy logs, a term whose denominator is small
+        has a large, heavy-tailed error; raising rel_tol (e.g. to 0.05) drops such terms.
 
     Attributes after fit
     --------------------
