@@ -33,6 +33,17 @@ from .data import (
     load_cifar10,
     make_geomnist,
 )
+from .fit import (
+    GoodnessOfFit,
+    IEstimator,
+    LEstimator,
+    RegressionEstimator,
+    Trajectory,
+    as_trajectory,
+    goodness_of_fit,
+    smooth_derivative,
+    tail_index,
+)
 from .phase import PhaseSpec, load_sweep, run_sweep
 from .nets import NETS, MLP, FeatureNet, LeNet, ResNet18, ResNet20, build_net
 from .elasticity import (
@@ -58,7 +69,8 @@ __all__ = [
     "DriftField", "Identity", "LabelProjection", "CrossEntropy", "CrossEntropyReadout",
     "CallableField", "make_field",
     "simulate", "simulate_feature_sgd", "initial_state", "Solution", "LESDEOverflowWarning",
-    "theory", "metrics", "PhaseSpec", "run_sweep", "load_sweep",
+    "theory", "metrics", "Trajectory", "as_trajectory", "IEstimator", "LEstimator",
+    "RegressionEstimator", "smooth_derivative", "tail_index", "goodness_of_fit", "GoodnessOfFit", "PhaseSpec", "run_sweep", "load_sweep",
     "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
     "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",
     "FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "build_net", "NETS",

@@ -701,6 +701,157 @@ def _run_elasticity(args):
 
 
 # --------------------------------------------------------------------------------------------
+# subcommands (fitting the SDE to logged training)
+# --------------------------------------------------------------------------------------------
+@_subcommand
+def _add_fit(sub):
+    p = sub.add_parser(
+        "fit",
+        help="fit the LE-SDE impacts to a logged training run (a trajectory store)",
+        description="Estimate A(t), B(t), alpha(t), beta(t) (I- and L-estimators) and the K x K "
+        "impact matrix E(t) (windowed regression) from the tracked samples of a trajectory "
+        "store, with bootstrap bands; optionally simulate the fitted SDE and compare "
+        "(Zhang, Wang & Su, NeurIPS 2021). Results go to --out as CSV and JSON.",
+    )
+    p.add_argument("store", help="trajectory store directory written by train_and_track")
+    p.add_argument("--out", default="fit_out", help="output directory")
+    p.add_argument("--what", choices=("logits", "features"), default="logits",
+                   help="which logged array is X (default logits)")
+    p.add_argument("--split", choices=("train", "test", "all"), default="train",
+                   help="which tracked samples (default train)")
+    p.add_argument("--estimators", default="i,l,regression",
+                   help="comma-separated subset of i, l, regression (l needs p = K)")
+    p.add_argument("--field", default=None,
+                   help="drift field of the regression and of the simulated SDE: identity, "
+                   "label_projection, cross_entropy (default: cross_entropy for logits, identity "
+                   "for features)")
+    p.add_argument("--sg-window", type=int, default=None,
+                   help="Savitzky-Golay window for alpha, beta (odd; default: the odd number "
+                   "nearest T/10, at least 5)")
+    p.add_argument("--reg-window", type=int, default=None,
+                   help="increments per regression window (default max(5, (T-1)//20))")
+    p.add_argument("--degree", type=int, default=0,
+                   help="polynomial degree in time of E inside a regression window")
+    p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
+    p.add_argument("--bootstrap", default="auto", choices=("auto", "samples", "trials", "both", "none"))
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
+    p.add_argument("--on-empty", choices=("raise", "nan"), default="nan",
+                   help="times where no ratio is usable (sign changes): NaN (default) or error")
+    p.add_argument("--tail", type=float, default=0.5,
+                   help="fraction of the log-time range used for the tail index of A")
+    p.add_argument("--gof-paths", type=int, default=0,
+                   help="simulate this many paths of each fitted SDE and compare (0: skip)")
+    p.add_argument("--gof-noise", choices=("sgd", "additive", "both", "none"), default="sgd",
+                   help="noise of the simulated SDE: SGD sampling noise at the run's lr (default), "
+                   "additive at the fitted sigma, both, or none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(func=_run_fit)
+
+
+def _run_fit(args):
+    import csv
+    import json
+    import os
+
+    import numpy as np
+
+    from . import fit as lf
+    from .tracking import load_store
+
+    def write_csv(name, columns):
+        keys = list(columns)
+        rows = np.column_stack([np.asarray(columns[k], dtype=float) for k in keys])
+        with open(os.path.join(args.out, name), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(keys)
+            w.writerows(rows.tolist())
+
+    store = load_store(args.store)
+    traj = lf.as_trajectory(store, what=args.what, split=args.split)
+    names = [s.strip().lower() for s in args.estimators.split(",") if s.strip()]
+    unknown = sorted(set(names) - {"i", "l", "regression"})
+    if unknown:
+        raise ValueError(f"--estimators: unknown {unknown}; use i, l, regression")
+    field = args.field or ("cross_entropy" if args.what == "logits" else "identity")
+    os.makedirs(args.out, exist_ok=True)
+    summary = {"store": os.path.basename(os.path.normpath(args.store)), "what": args.what,
+               "split": args.split, "T": traj.T, "N": traj.N, "p": traj.p, "K": traj.K,
+               "field": field, "n_bootstrap": args.n_bootstrap, "seed": args.seed,
+               "level": args.level, "estimators": {}}
+    fitted = {}
+    common = dict(n_bootstrap=args.n_bootstrap, bootstrap=args.bootstrap, level=args.level, seed=args.seed)
+    for name in names:
+        if name == "l" and traj.p != traj.K:
+            print(f"lesde fit: skipping the L-estimator (p = {traj.p} != K = {traj.K})")
+            continue
+        if name in ("i", "l"):
+            Est = lf.IEstimator if name == "i" else lf.LEstimator
+            est = Est(window=args.sg_window, on_empty=args.on_empty, **common).fit(traj)
+            write_csv(f"{name}_estimator.csv", est.results())
+            ok = np.isfinite(est.alpha_) & np.isfinite(est.beta_)
+            info = {"A_final": float(est.A_[-1]), "B_final": float(est.B_[-1]),
+                    "window": int(est.window_),
+                    "fraction_times_usable": float(np.mean(np.isfinite(est.A_)))}
+            if ok.any():
+                i_max = int(np.flatnonzero(ok)[np.argmax(est.alpha_[ok])])
+                info.update(alpha_max=float(est.alpha_[i_max]), t_alpha_max=float(est.ts_[i_max]),
+                            fraction_alpha_gt_beta=float(np.mean(est.alpha_[ok] > est.beta_[ok])))
+            try:
+                info["tail_index_A"] = est.tail_index(tail=args.tail)
+            except ValueError as exc:
+                info["tail_index_A"] = str(exc)
+            if est.bands_:
+                info["A_final_band"] = est.bands_["A"][:, -1].tolist()
+                info["B_final_band"] = est.bands_["B"][:, -1].tolist()
+        else:
+            est = lf.RegressionEstimator(field, window=args.reg_window, degree=args.degree, **common).fit(traj)
+            write_csv("regression.csv", est.results())
+            info = {"window": int(est.window_), "alpha": est.alpha_.tolist(), "beta": est.beta_.tolist(),
+                    "sigma": est.sigma_.tolist(), "condition_max": float(np.max(est.condition_)),
+                    "fraction_alpha_gt_beta": float(np.mean(est.alpha_ > est.beta_))}
+        fitted[name] = est
+        summary["estimators"][name] = info
+        print(f"lesde fit: {type(est).__name__} done")
+    try:
+        measured = store.impacts()
+        write_csv("measured_impacts.csv", {"t": measured["time"], "alpha": measured["alpha"],
+                                           "beta": measured["beta"]})
+        summary["measured_impacts"] = "measured_impacts.csv"
+    except ValueError:
+        pass
+    if args.gof_paths > 0:
+        gof_field = {"i": "identity", "l": "label_projection", "regression": field}
+        summary["goodness_of_fit"] = {}
+        for name, est in fitted.items():
+            if name in ("i", "l") and not np.isfinite(est.alpha_).any():
+                continue  # no usable alpha(t) to simulate
+            lr = store.config.lr if args.gof_noise in ("sgd", "both") else None
+            gof = lf.goodness_of_fit(traj, est, gof_field[name], n_paths=args.gof_paths, seed=args.seed,
+                                     level=args.level, noise=args.gof_noise, lr=lr)
+            summary["goodness_of_fit"][name] = gof.summary()
+            np.savez_compressed(os.path.join(args.out, f"gof_{name}.npz"), ts=gof.ts,
+                                logged_means=gof.logged_means, sim_means=gof.sim_means, sim_lo=gof.sim_lo,
+                                sim_hi=gof.sim_hi, logged_spread=gof.logged_spread,
+                                sim_spread=gof.sim_spread, logged_accuracy=gof.logged_accuracy,
+                                sim_accuracy=gof.sim_accuracy)
+
+    def clean(v):  # strict JSON: NaN / inf -> null
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        return v
+
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(clean(summary), f, indent=2)
+    print(f"lesde fit: results in {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
