@@ -4,17 +4,22 @@ Measures, on synthetic CIFAR-shaped data (K classes of 3 x 32 x 32 Gaussian imag
 does not depend on the pixel values):
 
 1. training throughput (images/s) of :func:`lesde.tracking.train_and_track` without logging
-   (``log_every`` larger than the run) and with logging every 10 steps of m = 100 tracked train
-   and 100 tracked test samples per class (metrics on the tracked samples), and the relative cost
-   of logging; the throughput is timed between the callbacks of step 1 and of the last step, so
-   that it includes the logs at steps 10, 20, ... but not set-up;
+   (``log_every`` larger than the run), with logging every 10 steps of m = 100 tracked train
+   samples per class, and of m = 100 train + 100 test samples per class (metrics on the tracked
+   samples). Steps are timed one by one (from the callback of the step before), from step 2 to
+   the step before the last. Two numbers per setting: the wall-clock throughput over that
+   window, and, robust to other processes on a shared machine, the cost of logging from medians:
+   (median logged-step time - median unlogged-step time) / (log_every x median unlogged-step
+   time);
 2. the time of one direct measurement of the impact matrix
    (:func:`lesde.elasticity.measure_impacts`) on the tracked train set, per logged step.
 
 Usage::
 
-    python benchmarks/bench_tracking.py [--net resnet18 --width 0.25] [--steps 31]
+    python benchmarks/bench_tracking.py [--net resnet18 --width 0.25] [--steps 41]
         [--batch 128] [--threads 1] [--impact-per-class 10 30 100]
+
+Results are in benchmarks/README.md; they vary with the load of a shared machine.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -33,8 +39,9 @@ def _data(k: int, n_per_class: int, seed: int):
     return x, y
 
 
-def _throughput(cfg, train, test) -> float:
-    """Images per second between the callbacks of step 1 and of the last step."""
+def _step_times(cfg, train, test) -> dict:
+    """Per-step wall times of a run: ``{step: seconds}`` for steps 2..last (from the callbacks;
+    a step's time includes its logging when the step is logged)."""
     from lesde.tracking import train_and_track
 
     stamps = {}
@@ -47,10 +54,19 @@ def _throughput(cfg, train, test) -> float:
         train_and_track(cfg, train, test, f"{tmp}/store", progress=False, callback=clock)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    last = max(stamps)
-    # the last step is always logged; stop at the step before it when it is not a log_every step
-    end = last if last % cfg.log_every == 0 else last - 1
-    return (end - 1) * cfg.batch_size / (stamps[end] - stamps[1])
+    return {s: stamps[s] - stamps[s - 1] for s in sorted(stamps) if s - 1 in stamps}
+
+
+def _summary(times: dict, log_every: int, batch: int, last: int) -> tuple:
+    """(wall-clock images/s over the window, median images/s of unlogged steps, median extra
+    seconds of a logged step, logging cost as a fraction of training time by medians)."""
+    window = {s: t for s, t in times.items() if s < last}  # the last step is always logged
+    total = sum(window.values())
+    plain = [t for s, t in window.items() if s % log_every]
+    logged = [t for s, t in window.items() if s % log_every == 0]
+    med = float(np.median(plain))
+    extra = float(np.median(logged)) - med if logged else 0.0
+    return len(window) * batch / total, batch / med, extra, extra / (log_every * med)
 
 
 def main(argv=None) -> None:
@@ -62,11 +78,11 @@ def main(argv=None) -> None:
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--per-class", type=int, default=100, help="tracked samples per class (m)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=31)
+    p.add_argument("--steps", type=int, default=41)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--impact-per-class", type=int, nargs="*", default=[10, 30, 100])
+    p.add_argument("--impact-per-class", type=int, nargs="*", default=[10, 30])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -78,13 +94,25 @@ def main(argv=None) -> None:
                 batch_size=args.batch, steps=args.steps, track_per_class=m,
                 track_test_per_class=m, eval_train_size=0, eval_test_size=0, seed=0,
                 dtype=args.dtype)
-    print(f"net={args.net} width={args.width} K={k} batch={args.batch} m={m}/class train + "
-          f"{m}/class test, dtype={args.dtype}, threads={args.threads}")
-    plain = _throughput(TrainConfig(**base, log_every=10**9), train, test)
-    logged = _throughput(TrainConfig(**base, log_every=args.log_every), train, test)
-    print(f"throughput without logging: {plain:8.1f} images/s")
-    print(f"throughput, log_every={args.log_every}: {logged:8.1f} images/s  "
-          f"(logging costs {100 * (plain / logged - 1):.1f}% of the training time)")
+    print(f"net={args.net} width={args.width} K={k} batch={args.batch} m={m}/class, "
+          f"dtype={args.dtype}, threads={args.threads}, {args.steps} steps per run")
+    runs = [("no logging", dict(log_every=10**9, track_test_per_class=0)),
+            (f"log_every={args.log_every}, m={m}/class train",
+             dict(log_every=args.log_every, track_test_per_class=0)),
+            (f"log_every={args.log_every}, m={m}/class train + {m}/class test",
+             dict(log_every=args.log_every))]
+    plain_rate = None
+    for name, kw in runs:
+        cfg = TrainConfig(**{**base, **kw})
+        rate, med_rate, extra, cost = _summary(_step_times(cfg, train, test), cfg.log_every,
+                                               args.batch, args.steps)
+        if plain_rate is None:
+            plain_rate = rate
+            print(f"{name:45s}: {rate:7.1f} images/s (median step: {med_rate:7.1f} images/s)")
+        else:
+            print(f"{name:45s}: {rate:7.1f} images/s (wall clock: {100 * (plain_rate / rate - 1):5.1f}%"
+                  f" slower); one log {extra:5.2f} s = {100 * cost:4.1f}% of the training time "
+                  f"(medians)")
 
     if args.impact_per_class:
         from lesde.elasticity import measure_impacts
