@@ -22,18 +22,8 @@ import time
 import numpy as np
 import torch
 
+from _machine import cpu_name
 from lesde import elasticity as el
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _timed(fn):
@@ -102,7 +92,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     m, per_class = (200, 4) if args.quick else (args.m, args.per_class)
-    res = {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__}
+    res = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__}
     res["similarity"] = sim = bench_similarity(m, args.hidden, etas=(1e-3, 1e-5))
     print(f"similarity matrices, M = {m}, MLP 64-{args.hidden}-1 ({sim['params']} params), "
           f"float64, {args.threads} threads")

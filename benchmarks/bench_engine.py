@@ -27,18 +27,8 @@ import numpy as np
 import torch
 import torchsde
 
+from _machine import cpu_name
 from lesde import LESDE, CrossEntropy, CrossEntropyReadout, Impacts, initial_state, simulate
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class _StraightforwardSDE(torch.nn.Module):
@@ -199,7 +189,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    machine = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "torchsde": torchsde.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
     print(json.dumps(machine))
