@@ -176,6 +176,28 @@ def bench_grid(device, steps=200):
             "speedup": loop / batched}
 
 
+def markdown(results: dict) -> str:
+    """The results of one run as the markdown tables of benchmarks/README.md."""
+    m = results["machine"]
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+    lines = [f"Machine: {m['cpu']}, {m['threads']} torch threads, torch {m['torch']}, "
+             f"torchsde {m['torchsde']}, Python {m['python']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "") + ".",
+             "",
+             "| K | N | p | native ms | torchsde ms | torchsde (dt=) ms | torchsde, plain drift ms | dense ms "
+             "| draw floor ms | torchsde / native | plain / native | native / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["steps"]:
+        lines.append(f"| {r['K']} | {r['N']:,} | {r['p']} | {f(r['native_ms'])} | {f(r['torchsde_ms'])} | "
+                     f"{f(r['torchsde_dt_ms'])} | {f(r.get('torchsde_plain_ms'))} | {f(r['dense_ms'], 1)} | "
+                     f"{f(r['draw_ms'])} | {f(r['native_vs_torchsde'], 1)}x | "
+                     f"{f(r.get('native_vs_torchsde_plain'), 1)}x | {f(r['native_over_draw'])}x |")
+    g = results["grid"]
+    lines += ["", f"Batched {g['grid']} (alpha, beta) grid, K = {g['K']}, n = {g['n']}, {g['steps']} steps: "
+              f"one batched run {g['batched_s']:.2f} s, a Python loop of single runs {g['loop_s']:.1f} s: "
+              f"{g['speedup']:.0f}x."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -184,7 +206,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only the N = 50,000, p = 10 row and the grid")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--out", default="benchmarks/results_engine.json")
+    ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown table of a results file and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(markdown(json.load(f)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -204,6 +231,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "steps": rows, "grid": grid}, f, indent=1)
     print(f"wrote {args.out}")
+    print(markdown({"machine": machine, "steps": rows, "grid": grid}))
 
 
 if __name__ == "__main__":
