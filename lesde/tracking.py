@@ -45,7 +45,8 @@ array              shape         meaning
 =================  ============  ===========================================================
 
 Attributes: ``format_version``, ``config`` (the whole :class:`TrainConfig` as a JSON-able dict),
-``class_names``, ``n_eval_train`` / ``n_eval_test`` (sizes of the metric subsets), ``complete``.
+``class_names``, ``n_eval_train`` / ``n_eval_test`` (sizes of the metric subsets), ``complete``,
+``data_fingerprint`` (SHA-256 of the train and test tensors: resuming on other data is refused).
 
 Metrics [package choice]. Train loss and accuracy are measured on a fixed subset of the training
 set chosen by the seed (``eval_train_size`` samples; it always contains the tracked train samples,
@@ -593,6 +594,23 @@ def _forward_eval(model, x, y, rows: np.ndarray, n_keep: int, batch: int, device
     return None, None, loss, acc
 
 
+def _fingerprint(x_tr, y_tr, x_te, y_te) -> str:
+    """SHA-256 of the data's sizes, labels and images (float32 bytes), to refuse resuming a
+    run on other data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (x_tr, y_tr, x_te, y_te):
+        if part is None:
+            h.update(b"none")
+            continue
+        t = part.detach().cpu()
+        t = t.float() if t.is_floating_point() else t.long()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class _DataOrder:
     """Random reshuffling, one permutation per epoch, from its own generator (resumable)."""
 
@@ -761,6 +779,7 @@ def train_and_track(
     order = _DataOrder(n_train, config.batch_size, config.seed + 1)
 
     # the store: create, or resume
+    fingerprint = _fingerprint(x_tr, y_tr, x_te, y_te)
     start = 0
     ts = None
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
@@ -773,6 +792,12 @@ def train_and_track(
         ckpt = ts.checkpoint_path
         if os.path.exists(ckpt):
             start = _load_checkpoint(ckpt, model, optimizer, order, config, device)
+        found = ts.group.attrs.get("data_fingerprint")
+        if found != fingerprint:
+            raise ValueError(
+                f"store {path} was made from other training/test data (fingerprint "
+                f"{str(found)[:12]}..., these data {fingerprint[:12]}...); use another store path"
+            )
         ts._truncate(start if os.path.exists(ckpt) else -1)
         ts.group.attrs["complete"] = False
     if ts is None:
@@ -787,6 +812,7 @@ def train_and_track(
         names = config.class_names or tuple(str(c) for c in range(k))
         ts = TrajectoryStore._create(path, config, labels, split, index, feature_dim, names,
                                      len(eval_tr), len(eval_te))
+        ts.group.attrs["data_fingerprint"] = fingerprint
 
     x_tr_dev = x_tr.to(device=device, dtype=dtype)
     y_tr_dev = y_tr.to(device)

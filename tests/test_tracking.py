@@ -153,6 +153,9 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     for name in ref:
         np.testing.assert_array_equal(again[name], ref[name], err_msg=name)
 
+    other = (train[0] + 0.01, train[1])
+    with pytest.raises(ValueError, match="other training/test data"):
+        train_and_track(cfg, other, test, tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="different config.*lr"):
         train_and_track(_config(steps=30, log_every=3, lr=0.01), train, test, tmp_path / "b",
                         progress=False)
