@@ -813,6 +813,7 @@ def _run_fit(args):
         fitted[name] = est
         summary["estimators"][name] = info
         print(f"lesde fit: {type(est).__name__} done")
+    measured = None
     try:
         measured = store.impacts()
         write_csv("measured_impacts.csv", {"t": measured["time"], "alpha": measured["alpha"],
@@ -820,6 +821,13 @@ def _run_fit(args):
         summary["measured_impacts"] = "measured_impacts.csv"
     except ValueError:
         pass
+    from .figures import plot_fit, plot_goodness_of_fit
+
+    run_name = summary["store"]
+    if fitted:
+        plot_fit(traj.ts, fitted, measured, os.path.join(args.out, "fit.png"),
+                 title=f"{run_name}: {args.what} of the tracked {args.split} samples")
+        summary["figures"] = ["fit.png"]
     if args.gof_paths > 0:
         gof_field = {"i": "identity", "l": "label_projection", "regression": field}
         summary["goodness_of_fit"] = {}
@@ -835,6 +843,12 @@ def _run_fit(args):
                                 sim_hi=gof.sim_hi, logged_spread=gof.logged_spread,
                                 sim_spread=gof.sim_spread, logged_accuracy=gof.logged_accuracy,
                                 sim_accuracy=gof.sim_accuracy)
+            primary = next(n for n in ("regression", "i", "l") if n in fitted)
+            png = "goodness_of_fit.png" if name == primary else f"goodness_of_fit_{name}.png"
+            plot_goodness_of_fit(gof, os.path.join(args.out, png), class_names=store.class_names,
+                                 title=f"{run_name}: {type(est).__name__} ({gof_field[name]} "
+                                 f"drift, {args.gof_noise} noise)")
+            summary.setdefault("figures", []).append(png)
 
     def clean(v):  # strict JSON: NaN / inf -> null
         if isinstance(v, dict):

@@ -11,7 +11,8 @@ import numpy as np
 
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
            "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
-           "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking"]
+           "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking", "plot_fit",
+           "plot_goodness_of_fit"]
 
 
 def _plt():
@@ -363,5 +364,220 @@ def plot_feature_clouds(cases: Dict[str, "object"], path, run: int = 0, subtitle
         axes[r, 0].legend(fontsize=6, loc="best")
     fig.suptitle("samples minus grand mean, projected on the plane of the class means (X: class means)"
                  + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# fitted impacts and goodness of fit (lesde fit)
+# --------------------------------------------------------------------------------------------
+def _fit_curves(est) -> dict:
+    """A fitted I/L/regression estimator (or a dict in the layout of its ``results()``) as a
+    dict: t_AB, A, B (and A_lo/A_hi, B_lo/B_hi if known); t_ab, alpha, beta (and their bands)."""
+    if isinstance(est, dict):
+        d = {k: np.asarray(v, dtype=float) for k, v in est.items()}
+        out = {"t_AB": d["t"], "t_ab": d["t"]}
+        for k in ("A", "B", "alpha", "beta"):
+            if k in d:
+                out[k] = d[k]
+            if f"{k}_lo" in d and f"{k}_hi" in d:
+                out[f"{k}_lo"], out[f"{k}_hi"] = d[f"{k}_lo"], d[f"{k}_hi"]
+        return out
+    bands = getattr(est, "bands_", {}) or {}
+    if hasattr(est, "window_times_"):                  # RegressionEstimator: per window
+        out = {"t_AB": np.asarray(est.edge_times_), "A": est.A_, "B": est.B_,
+               "t_ab": np.asarray(est.window_times_), "alpha": est.alpha_, "beta": est.beta_}
+        for k in ("alpha", "beta"):
+            band = bands.get(k)
+            if band is None:
+                band = getattr(est, f"{k}_ci_", None)
+            if band is not None:
+                out[f"{k}_lo"], out[f"{k}_hi"] = band[0], band[1]
+        return out
+    out = {"t_AB": np.asarray(est.ts_), "A": est.A_, "B": est.B_, "t_ab": np.asarray(est.ts_),
+           "alpha": est.alpha_, "beta": est.beta_}
+    for k in ("A", "B", "alpha", "beta"):
+        if k in bands:
+            out[f"{k}_lo"], out[f"{k}_hi"] = bands[k][0], bands[k][1]
+    return out
+
+
+_FIT_LABELS = {"i": "I-estimator", "l": "L-estimator", "regression": "regression"}
+
+
+def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
+             title: Optional[str] = None, time_unit: str = "t = step x lr") -> str:
+    """Fitted impacts of ``lesde fit``: A(t), B(t) (top) and alpha(t), beta(t) (bottom), each
+    estimator with its bootstrap band, and the directly measured alpha_hat(t), beta_hat(t).
+
+    Args:
+        ts: (T,) the logged lr-scaled times (sets the time axis).
+        estimates: dict name -> fitted :class:`~lesde.fit.IEstimator`,
+            :class:`~lesde.fit.LEstimator` or :class:`~lesde.fit.RegressionEstimator` (or a dict
+            like their ``results()``); names "i", "l", "regression" get readable labels.
+        measured: optional dict with ``time``, ``alpha``, ``beta`` (T',) arrays, e.g.
+            ``store.impacts()``; drawn as markers on the alpha and beta axes.
+        path: output PNG.
+        title: optional suptitle.
+        time_unit: how the time axis is labelled.
+
+    The alpha/beta axes share one y-scale (symmetric-log when the curves span more than two
+    decades), so intra- and inter-class impacts can be compared by eye.
+    """
+    plt = _plt()
+    ts = np.asarray(ts, dtype=float)
+    curves = {name: _fit_curves(est) for name, est in estimates.items()}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    rate_vals = []
+    for i, (name, c) in enumerate(curves.items()):
+        color = _PALETTE[i % 10]
+        label = _FIT_LABELS.get(name, str(name))
+        for col, key in enumerate(("A", "B")):
+            ax = axes[0, col]
+            if key in c:
+                ax.plot(c["t_AB"], c[key], color=color, lw=1.6, label=label)
+                if f"{key}_lo" in c:
+                    ax.fill_between(c["t_AB"], c[f"{key}_lo"], c[f"{key}_hi"], color=color,
+                                    alpha=0.2, lw=0)
+        for col, key in enumerate(("alpha", "beta")):
+            ax = axes[1, col]
+            if key not in c:
+                continue
+            marker = "o" if len(c["t_ab"]) <= 40 else None
+            ax.plot(c["t_ab"], c[key], color=color, lw=1.6, marker=marker, ms=3,
+                    label=f"{label} (fitted)")
+            rate_vals.append(c[key])
+            if f"{key}_lo" in c:
+                ax.fill_between(c["t_ab"], c[f"{key}_lo"], c[f"{key}_hi"], color=color, alpha=0.2,
+                                lw=0)
+    if measured is not None:
+        mt = np.asarray(measured["time"], dtype=float)
+        for col, key in enumerate(("alpha", "beta")):
+            mv = np.asarray(measured[key], dtype=float)
+            rate_vals.append(mv)
+            axes[1, col].plot(mt, mv, ls="none", marker="D", ms=6, mfc="none", mec="k", mew=1.3,
+                              label=f"measured {key}_hat (first order, on the network)")
+    vals = np.concatenate([np.ravel(v) for v in rate_vals]) if rate_vals else np.zeros(1)
+    vals = vals[np.isfinite(vals)]
+    if vals.size and np.abs(vals).max() > 0:
+        pos = np.abs(vals[vals != 0])
+        if pos.size and pos.max() / max(np.percentile(pos, 10), 1e-300) > 100:
+            lin = float(np.percentile(pos, 10))
+            for ax in axes[1]:
+                ax.set_yscale("symlog", linthresh=lin)
+        lo, hi = float(vals.min()), float(vals.max())
+        pad = 0.05 * (hi - lo if hi > lo else abs(hi) + 1)
+        for ax in axes[1]:
+            ax.set_ylim(min(lo - pad, 0 if lo >= 0 else lo * 1.3),
+                        hi * 1.3 if hi > 0 else hi + pad)
+    names = {"A": "A(t) = int_0^t alpha  (intra-class, dimensionless)",
+             "B": "B(t) = int_0^t beta  (inter-class, dimensionless)",
+             "alpha": "alpha(t)  (intra-class impact, per unit t)",
+             "beta": "beta(t)  (inter-class impact, per unit t)"}
+    for ax, key in zip(axes.ravel(), ("A", "B", "alpha", "beta")):
+        ax.set_xlabel(f"lr-scaled time ({time_unit})")
+        ax.set_ylabel(names[key], fontsize=8)
+        if ts.size:
+            ax.set_xlim(ts.min(), ts.max())
+        ax.axhline(0, color="0.5", lw=0.6)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines, shaded: bootstrap "
+                 "band)" + ("; diamonds: directly measured" if measured is not None else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
+                         title: Optional[str] = None, max_coords: int = 4) -> str:
+    """Logged vs simulated trajectories of a fitted SDE (the analogue of Fig. 5 of Zhang, Wang &
+    Su 2021): per class, the logged class-mean coordinates (solid) against the simulated mean
+    (dashed) and its band (shaded); the within-class spread over time; the argmax accuracy over
+    time (logged vs simulated with its band); and the summary numbers.
+
+    Args:
+        gof: a :class:`~lesde.fit.GoodnessOfFit` (or a mapping with its array fields, e.g. the
+            ``gof_<name>.npz`` that ``lesde fit`` writes).
+        path: output PNG.
+        class_names: optional names of the K classes.
+        title: optional suptitle.
+        max_coords: at most this many coordinates of each class mean are drawn (all of them for
+            logits, p = K).
+    """
+    plt = _plt()
+    get = (lambda k: np.asarray(gof[k])) if not hasattr(gof, "ts") else \
+        (lambda k: np.asarray(getattr(gof, k)))
+    ts = get("ts").astype(float)
+    logged, sim, lo, hi = get("logged_means"), get("sim_means"), get("sim_lo"), get("sim_hi")
+    T, K, p = logged.shape
+    names = list(class_names) if class_names is not None else [f"class {k}" for k in range(K)]
+    ncol = max(K, 3)
+    fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol, 6.8), squeeze=False)
+    coords = range(min(p, max_coords))
+    for k in range(K):
+        ax = axes[0, k]
+        for j in coords:
+            color = _PALETTE[j % 10]
+            cname = (f"logit of {names[j]}" if p == K else f"coordinate {j}")
+            ax.plot(ts, logged[:, k, j], color=color, lw=1.6, label=cname)
+            ax.plot(ts, sim[:, k, j], color=color, lw=1.3, ls="--")
+            ax.fill_between(ts, lo[:, k, j], hi[:, k, j], color=color, alpha=0.18, lw=0)
+        ax.set_title(f"class mean of {names[k]}", fontsize=9)
+        ax.set_xlabel("lr-scaled time t = step x lr")
+        ax.set_ylabel("logit" if p == K else "feature coordinate")
+        if k == 0:
+            ax.legend(fontsize=6, loc="best", ncol=1)
+    for k in range(K, ncol):
+        axes[0, k].axis("off")
+    ax = axes[1, 0]
+    ls_, ss_ = get("logged_spread"), get("sim_spread")
+    for k in range(K):
+        ax.plot(ts, ls_[:, k], color=_PALETTE[k % 10], lw=1.6, label=names[k])
+        ax.plot(ts, ss_[:, k], color=_PALETTE[k % 10], lw=1.3, ls="--")
+    ax.set_yscale("log")
+    ax.set_title("within-class spread (solid: logged, dashed: simulated)", fontsize=9)
+    ax.set_xlabel("lr-scaled time t = step x lr")
+    ax.legend(fontsize=6)
+    ax = axes[1, 1]
+    la, sa = get("logged_accuracy"), get("sim_accuracy")
+    if np.isfinite(la).any():
+        ax.plot(ts, la, color="k", lw=1.6, label="logged")
+        ax.plot(ts, sa, color=_PALETTE[0], lw=1.3, ls="--", label="simulated mean")
+        try:
+            ax.fill_between(ts, get("sim_accuracy_lo"), get("sim_accuracy_hi"), color=_PALETTE[0],
+                            alpha=0.2, lw=0, label="simulated band")
+        except (KeyError, AttributeError):
+            pass
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "argmax accuracy needs p = K", ha="center", transform=ax.transAxes)
+    ax.set_title("argmax accuracy of the tracked samples", fontsize=9)
+    ax.set_xlabel("lr-scaled time t = step x lr")
+    ax = axes[1, 2]
+    ax.axis("off")
+    nums = []
+    for key, fmt in (("r2", "R^2 of the class means: {:.3f}"),
+                     ("coverage", "coverage by the simulated band: {:.2f}"),
+                     ("spread_rel_error", "spread relative error: {:.2f}"),
+                     ("accuracy_mae", "accuracy mean abs. error: {:.3f}"),
+                     ("n_paths", "simulated paths: {:d}")):
+        try:
+            v = get(key)
+            nums.append(fmt.format(int(v) if key == "n_paths" else float(v)))
+        except (KeyError, AttributeError, ValueError):
+            pass
+    try:
+        r2k = get("r2_per_class")
+        nums.append("R^2 per class: " + ", ".join(f"{v:.2f}" for v in np.ravel(r2k)))
+    except (KeyError, AttributeError):
+        pass
+    ax.text(0.02, 0.95, "\n".join(nums), va="top", ha="left", fontsize=9, transform=ax.transAxes)
+    for k in range(3, ncol):
+        axes[1, k].axis("off")
+    fig.suptitle((title + "\n" if title else "") + "fitted SDE simulated from the logged X(0) "
+                 "(dashed, shaded: band) against the log (solid)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
