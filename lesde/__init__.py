@@ -33,6 +33,7 @@ from .data import (
     load_cifar10,
     make_geomnist,
 )
+from .tracking import TrainConfig, TrajectoryStore, load_store, train_and_track
 from .fit import (
     GoodnessOfFit,
     IEstimator,
@@ -69,7 +70,7 @@ __all__ = [
     "DriftField", "Identity", "LabelProjection", "CrossEntropy", "CrossEntropyReadout",
     "CallableField", "make_field",
     "simulate", "simulate_feature_sgd", "initial_state", "Solution", "LESDEOverflowWarning",
-    "theory", "metrics", "Trajectory", "as_trajectory", "IEstimator", "LEstimator",
+    "theory", "metrics", "TrainConfig", "TrajectoryStore", "load_store", "train_and_track", "Trajectory", "as_trajectory", "IEstimator", "LEstimator",
     "RegressionEstimator", "smooth_derivative", "tail_index", "goodness_of_fit", "GoodnessOfFit", "PhaseSpec", "run_sweep", "load_sweep",
     "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
     "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",

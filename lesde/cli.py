@@ -701,6 +701,124 @@ def _run_elasticity(args):
 
 
 # --------------------------------------------------------------------------------------------
+# subcommands (training real networks with tracked trajectories)
+# --------------------------------------------------------------------------------------------
+@_subcommand
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train a network and log tracked features/logits to a trajectory store",
+        description="Train a network on CIFAR-10 classes or GeoMNIST with SGD or Adam and log, "
+        "every --log-every steps, the penultimate features and logits of m tracked samples per "
+        "class (train and test), train/test loss and accuracy, and optionally the measured "
+        "impact matrix, to a resumable Zarr store. Running the same command again resumes.",
+    )
+    p.add_argument("store", help="directory of the trajectory store (created, or resumed)")
+    p.add_argument("--config", default=None,
+                   help="TrainConfig JSON file; when given, the run options below are ignored")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=("cifar10", "geomnist"), default="cifar10")
+    d.add_argument("--data-path", default=None,
+                   help="CIFAR-10 zip, image folder or python batches (default: $LESDE_CIFAR10)")
+    d.add_argument("--classes", nargs="+", default=["airplane", "automobile", "bird"],
+                   help="CIFAR-10 class names or indices")
+    d.add_argument("--per-class", type=int, default=2500, help="train images per class")
+    d.add_argument("--test-per-class", type=int, default=None,
+                   help="test images per class (default: all; GeoMNIST: 500)")
+    d.add_argument("--p-err", type=float, default=0.0, help="GeoMNIST label-noise level")
+    d.add_argument("--data-seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--net", default="resnet18", choices=("resnet18", "resnet20", "lenet", "mlp"))
+    r.add_argument("--width", type=float, default=None, help="ResNet width factor")
+    r.add_argument("--net-kwargs", default="{}", help="extra build_net kwargs as JSON")
+    r.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    r.add_argument("--lr", type=float, default=0.02)
+    r.add_argument("--momentum", type=float, default=0.9)
+    r.add_argument("--weight-decay", type=float, default=5e-4)
+    r.add_argument("--batch-size", type=int, default=128)
+    length = r.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=0)
+    length.add_argument("--epochs", type=float, default=0.0)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--track", type=int, default=100, help="tracked train samples per class")
+    r.add_argument("--track-test", type=int, default=100, help="tracked test samples per class")
+    r.add_argument("--eval-train", type=int, default=0,
+                   help="train-metric subset size (0: tracked only, -1: all)")
+    r.add_argument("--eval-test", type=int, default=-1,
+                   help="test-metric subset size (0: tracked only, -1: all)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--checkpoint-every", type=int, default=0)
+    r.add_argument("--impacts-every", type=int, default=0)
+    r.add_argument("--impacts-per-class", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args):
+    import json
+    import os
+
+    import torch
+
+    from . import data as _data
+    from .tracking import TrainConfig, train_and_track
+
+    if args.data == "cifar10":
+        path = args.data_path or os.environ.get("LESDE_CIFAR10", "")
+        if not path:
+            raise ValueError("no CIFAR-10 location: give --data-path or set LESDE_CIFAR10")
+        classes = [int(c) if c.isdigit() else c for c in args.classes]
+        names = [_data.CIFAR10_CLASSES[c] if isinstance(c, int) else c for c in classes]
+        train = _data.load_cifar10(path, "train", classes=classes, per_class=args.per_class,
+                                   seed=args.data_seed, as_tensor=True)
+        test = _data.load_cifar10(path, "test", classes=classes, per_class=args.test_per_class,
+                                  seed=args.data_seed, as_tensor=True)
+        in_channels = 3
+    else:
+        names = list(_data.GEOMNIST_CLASSES)
+        g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err)
+        g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1)
+        train = (torch.from_numpy(g_tr.images), torch.from_numpy(g_tr.labels))
+        test = (torch.from_numpy(g_te.images), torch.from_numpy(g_te.clean_labels))
+        in_channels = 1
+    if args.config:
+        with open(args.config) as fh:
+            config = TrainConfig.from_json(fh.read())
+    else:
+        net_kwargs = json.loads(args.net_kwargs)
+        if args.net.startswith("resnet"):
+            net_kwargs.setdefault("in_channels", in_channels)
+            if args.width is not None:
+                net_kwargs.setdefault("width", args.width)
+        elif args.net == "lenet":
+            net_kwargs.setdefault("in_channels", in_channels)
+        elif args.net == "mlp":
+            net_kwargs.setdefault("in_dim", int(train[0][0].numel()))
+        steps, epochs = args.steps, args.epochs
+        if steps <= 0 and epochs <= 0:
+            epochs = 1.0
+        config = TrainConfig(
+            net=args.net, num_classes=len(names), net_kwargs=net_kwargs,
+            optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, steps=steps,
+            epochs=epochs, log_every=args.log_every, track_per_class=args.track,
+            track_test_per_class=args.track_test, eval_train_size=args.eval_train,
+            eval_test_size=args.eval_test, seed=args.seed, dtype=args.dtype,
+            device=args.device, checkpoint_every=args.checkpoint_every,
+            impacts_every=args.impacts_every, impacts_per_class=args.impacts_per_class,
+            class_names=tuple(str(n) for n in names),
+        )
+    store = train_and_track(config, train, test, args.store, progress=not args.no_progress)
+    m = store.metrics()
+    print(f"{store.path}: T={len(store)} logged times, step {int(m['step'][-1])}, "
+          f"train_acc {m['train_acc'][-1]:.4f}, test_acc {m['test_acc'][-1]:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # subcommands (fitting the SDE to logged training)
 # --------------------------------------------------------------------------------------------
 @_subcommand
