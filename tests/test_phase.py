@@ -78,6 +78,7 @@ def test_other_configuration_in_existing_directory_is_an_error(tmp_path):
         run_sweep(small_spec(replicates=4), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_dask_cluster_gives_the_in_process_table(tmp_path):
     distributed = pytest.importorskip("distributed")
     spec = small_spec(times=(20.0,), saves=3)
