@@ -11,13 +11,17 @@ STAMP := $(VENV)/.lesde-installed
 LESDE_CIFAR10 ?= $(wildcard $(CURDIR)/../shared/data/cifar10/cifar10-jpeg.zip)
 export LESDE_CIFAR10
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip on some machines warns about every unreadable local index entry; keep the log readable
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
+
 .PHONY: install demo test test-fast bench clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(QUIET)
+	$(BIN)/python -m pip install -q -e ".[test]" $(QUIET)
 	touch $(STAMP)
 
 install: $(STAMP)
