@@ -81,45 +81,40 @@ def plot(rows: list, path: str) -> str:
     from lesde.figures import _plt, _save
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
-    main = [r for r in rows if r["steps"] == 10_000]
-    extra = [r for r in rows if r["steps"] != 10_000]
-    p = np.array([r["p_err"] for r in main])
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.2))
+    groups = sorted({r["steps"] for r in rows})
+    for g, steps in enumerate(groups):
+        sel = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["p_err"])
+        p = np.array([r["p_err"] for r in sel]) + 0.008 * g
+        ls, mfc = ("-", None) if g == 0 else ("--", "none")
+        tag = f"{steps:,} steps"
+        ax = axes[0]
+        ax.errorbar(p, [r["r_I"] for r in sel], yerr=[2 * r["r_I_se"] for r in sel], marker="o",
+                    ls=ls, mfc=mfc, color="C0", capsize=3, label=f"I-estimator A(t), {tag}")
+        ax.errorbar(p + 0.004, [r["r_reg"] for r in sel], yerr=[2 * r["r_reg_se"] for r in sel],
+                    marker="s", ls=ls, mfc=mfc, color="C1", capsize=3,
+                    label=f"regression A(t) (cross-entropy drift), {tag}")
+        axes[1].plot(p, [r["final_test_loss"] for r in sel], marker="o", ls=ls, mfc=mfc,
+                     color="C0", label=f"test loss (clean labels), {tag}")
+        axes[1].plot(p, [r["final_train_loss"] for r in sel], marker="s", ls=ls, mfc=mfc,
+                     color="C1", label=f"train loss (noisy labels), {tag}")
+        axes[2].plot(p, [r["final_test_acc"] for r in sel], marker="o", ls=ls, mfc=mfc,
+                     color="C0", label=f"test accuracy (clean labels), {tag}")
+        axes[2].plot(p, [r["final_train_acc"] for r in sel], marker="s", ls=ls, mfc=mfc,
+                     color="C1", label=f"train accuracy (noisy labels), {tag}")
     ax = axes[0]
-    ax.errorbar(p, [r["r_I"] for r in main], yerr=[2 * r["r_I_se"] for r in main], marker="o",
-                capsize=3, label="I-estimator A(t) (10,000 steps)")
-    ax.errorbar(p + 0.01, [r["r_reg"] for r in main], yerr=[2 * r["r_reg_se"] for r in main],
-                marker="s", capsize=3, label="regression A(t), cross-entropy drift")
-    for r in extra:
-        ax.errorbar([r["p_err"] - 0.01], [r["r_I"]], yerr=[2 * r["r_I_se"]], marker="o",
-                    mfc="none", color="C0", capsize=3, ls="none",
-                    label=f"I-estimator, {r['steps']:,} steps")
-        ax.errorbar([r["p_err"]], [r["r_reg"]], yerr=[2 * r["r_reg_se"]], marker="s",
-                    mfc="none", color="C1", capsize=3, ls="none",
-                    label=f"regression, {r['steps']:,} steps")
     ax.plot([0.0, 0.6, 2 / 3], [0.68, 1.0, 1.0], "k*", ms=10, label="paper (reported)")
     ax.axhline(0, color="0.5", lw=0.6)
-    ax.set_xlabel("label noise p_err")
     ax.set_ylabel("tail index r of alpha  (A(t) ~ t^(1-r); bars: 2 s.e.)")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    ax.plot(p, [r["final_test_loss"] for r in main], "o-", label="test loss (clean labels)")
-    ax.plot(p, [r["final_train_loss"] for r in main], "s--", label="train loss (noisy labels)")
-    ax.set_xlabel("label noise p_err")
-    ax.set_ylabel("cross-entropy at the last step")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    ax.plot(p, [r["final_test_acc"] for r in main], "o-", label="test accuracy (clean labels)")
-    ax.plot(p, [r["final_train_acc"] for r in main], "s--", label="train accuracy (noisy labels)")
-    for r in extra:
-        ax.plot([r["p_err"]], [r["final_test_acc"]], "o", mfc="none", color="C0",
-                label=f"test, {r['steps']:,} steps")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("label noise p_err")
-    ax.set_ylabel("accuracy at the last step")
-    ax.legend(fontsize=7)
+    axes[1].set_ylabel("cross-entropy at the last step")
+    axes[2].set_ylabel("accuracy at the last step")
+    axes[2].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.set_xlabel("label noise p_err")
+        ax.legend(fontsize=6.5)
     fig.suptitle("GeoMNIST, LeNet, SGD batch 1, lr 0.005: tail index of the intra-class impact "
-                 "and final loss / accuracy against label noise", fontsize=10)
+                 "(last half of the log-time range) and final loss / accuracy against label noise",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
