@@ -407,83 +407,97 @@ _FIT_LABELS = {"i": "I-estimator", "l": "L-estimator", "regression": "regression
 
 def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
              title: Optional[str] = None, time_unit: str = "t = step x lr") -> str:
-    """Fitted impacts of ``lesde fit``: A(t), B(t) (top) and alpha(t), beta(t) (bottom), each
-    estimator with its bootstrap band, and the directly measured alpha_hat(t), beta_hat(t).
+    """Fitted impacts of ``lesde fit``: A(t), B(t) and alpha(t), beta(t) of each estimator with
+    its bootstrap band, and the directly measured alpha_hat(t), beta_hat(t).
+
+    The I- and L-estimators fit the impacts of the linear models (identity / label-projection
+    drift), the regression estimator those of its own drift field (cross-entropy for logits in
+    ``lesde fit``): the numbers are in different units, so they get separate rows (top: A, B of
+    the I/L fits; middle: their alpha, beta; bottom: the regression's alpha, beta per window
+    with the directly measured alpha_hat, beta_hat, which use the cross-entropy drift's
+    normalisation). Rows without an estimator are left out; with no regression the measured
+    values go on the I/L rate axes.
 
     Args:
         ts: (T,) the logged lr-scaled times (sets the time axis).
         estimates: dict name -> fitted :class:`~lesde.fit.IEstimator`,
             :class:`~lesde.fit.LEstimator` or :class:`~lesde.fit.RegressionEstimator` (or a dict
-            like their ``results()``); names "i", "l", "regression" get readable labels.
+            like their ``results()``; one with ``t_start`` is read as a regression's); names "i",
+            "l", "regression" get readable labels.
         measured: optional dict with ``time``, ``alpha``, ``beta`` (T',) arrays, e.g.
-            ``store.impacts()``; drawn as markers on the alpha and beta axes.
+            ``store.impacts()``; drawn as diamonds.
         path: output PNG.
         title: optional suptitle.
         time_unit: how the time axis is labelled.
 
-    The alpha/beta axes share one y-scale (symmetric-log when the curves span more than two
-    decades), so intra- and inter-class impacts can be compared by eye.
+    The alpha and beta axes of a row share one y-range (log scale when all values are
+    positive and span more than a decade), so intra- and inter-class impacts can be compared.
     """
     plt = _plt()
     ts = np.asarray(ts, dtype=float)
-    curves = {name: _fit_curves(est) for name, est in estimates.items()}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    rate_vals = []
-    for i, (name, c) in enumerate(curves.items()):
-        color = _PALETTE[i % 10]
-        label = _FIT_LABELS.get(name, str(name))
-        for col, key in enumerate(("A", "B")):
-            ax = axes[0, col]
-            if key in c:
-                ax.plot(c["t_AB"], c[key], color=color, lw=1.6, label=label)
+
+    def is_reg(est):
+        return hasattr(est, "window_times_") or (isinstance(est, dict) and "t_start" in est)
+
+    mode = {n: _fit_curves(e) for n, e in estimates.items() if not is_reg(e)}
+    reg = {n: _fit_curves(e) for n, e in estimates.items() if is_reg(e)}
+    rows = (["AB", "rates"] if mode else []) + (["reg"] if reg else [])
+    if not rows:
+        raise ValueError("plot_fit needs at least one fitted estimator")
+    meas_row = "reg" if reg else "rates"
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    colors = {n: _PALETTE[i % 10] for i, n in enumerate(estimates)}
+    for r, row in enumerate(rows):
+        group = reg if row == "reg" else mode
+        keys = ("A", "B") if row == "AB" else ("alpha", "beta")
+        tkey = "t_AB" if row == "AB" else "t_ab"
+        vals = []
+        for col, key in enumerate(keys):
+            ax = axes[r, col]
+            for name, c in group.items():
+                if key not in c:
+                    continue
+                label = _FIT_LABELS.get(name, str(name))
+                marker = "o" if len(c[tkey]) <= 40 else None
+                ax.plot(c[tkey], c[key], color=colors[name], lw=1.6, marker=marker, ms=3,
+                        label=label + ("" if row == "AB" else " (fitted)"))
+                vals.append(c[key])
                 if f"{key}_lo" in c:
-                    ax.fill_between(c["t_AB"], c[f"{key}_lo"], c[f"{key}_hi"], color=color,
-                                    alpha=0.2, lw=0)
-        for col, key in enumerate(("alpha", "beta")):
-            ax = axes[1, col]
-            if key not in c:
-                continue
-            marker = "o" if len(c["t_ab"]) <= 40 else None
-            ax.plot(c["t_ab"], c[key], color=color, lw=1.6, marker=marker, ms=3,
-                    label=f"{label} (fitted)")
-            rate_vals.append(c[key])
-            if f"{key}_lo" in c:
-                ax.fill_between(c["t_ab"], c[f"{key}_lo"], c[f"{key}_hi"], color=color, alpha=0.2,
-                                lw=0)
-    if measured is not None:
-        mt = np.asarray(measured["time"], dtype=float)
-        for col, key in enumerate(("alpha", "beta")):
-            mv = np.asarray(measured[key], dtype=float)
-            rate_vals.append(mv)
-            axes[1, col].plot(mt, mv, ls="none", marker="D", ms=6, mfc="none", mec="k", mew=1.3,
-                              label=f"measured {key}_hat (first order, on the network)")
-    vals = np.concatenate([np.ravel(v) for v in rate_vals]) if rate_vals else np.zeros(1)
-    vals = vals[np.isfinite(vals)]
-    if vals.size and np.abs(vals).max() > 0:
-        pos = np.abs(vals[vals != 0])
-        if pos.size and pos.max() / max(np.percentile(pos, 10), 1e-300) > 100:
-            lin = float(np.percentile(pos, 10))
-            for ax in axes[1]:
-                ax.set_yscale("symlog", linthresh=lin)
-        lo, hi = float(vals.min()), float(vals.max())
-        pad = 0.05 * (hi - lo if hi > lo else abs(hi) + 1)
-        for ax in axes[1]:
-            ax.set_ylim(min(lo - pad, 0 if lo >= 0 else lo * 1.3),
-                        hi * 1.3 if hi > 0 else hi + pad)
-    names = {"A": "A(t) = int_0^t alpha  (intra-class, dimensionless)",
-             "B": "B(t) = int_0^t beta  (inter-class, dimensionless)",
-             "alpha": "alpha(t)  (intra-class impact, per unit t)",
-             "beta": "beta(t)  (inter-class impact, per unit t)"}
-    for ax, key in zip(axes.ravel(), ("A", "B", "alpha", "beta")):
-        ax.set_xlabel(f"lr-scaled time ({time_unit})")
-        ax.set_ylabel(names[key], fontsize=8)
-        if ts.size:
-            ax.set_xlim(ts.min(), ts.max())
-        ax.axhline(0, color="0.5", lw=0.6)
-        handles, _ = ax.get_legend_handles_labels()
-        if handles:
+                    ax.fill_between(c[tkey], c[f"{key}_lo"], c[f"{key}_hi"],
+                                    color=colors[name], alpha=0.2, lw=0)
+                    vals += [c[f"{key}_lo"], c[f"{key}_hi"]]
+            if measured is not None and row == meas_row:
+                mv = np.asarray(measured[key], dtype=float)
+                ax.plot(np.asarray(measured["time"], dtype=float), mv, ls="none", marker="D",
+                        ms=6, mfc="none", mec="k", mew=1.3,
+                        label=f"measured {key}_hat (first order, on the network)")
+                vals.append(mv)
+            unit = {"A": "A(t) = int alpha dt (intra)", "B": "B(t) = int beta dt (inter)",
+                    "alpha": "alpha(t), intra-class, per unit t",
+                    "beta": "beta(t), inter-class, per unit t"}[key]
+            what = "cross-entropy drift" if row == "reg" else "I/L model"
+            ax.set_ylabel(f"{unit}\n({what})", fontsize=8)
+            ax.set_xlabel(f"lr-scaled time ({time_unit})")
+            if ts.size:
+                ax.set_xlim(ts.min(), ts.max())
             ax.legend(fontsize=7, loc="best")
-    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines, shaded: bootstrap "
+        if row != "AB":
+            v = np.concatenate([np.ravel(x) for x in vals]) if vals else np.zeros(0)
+            v = v[np.isfinite(v)]
+            if v.size and v.min() > 0 and v.max() / v.min() > 10:
+                for ax in axes[r]:
+                    ax.set_yscale("log")
+                lo, hi = v.min() / 1.5, v.max() * 1.5
+            elif v.size:
+                pad = 0.05 * (v.max() - v.min() + 1e-12)
+                lo, hi = v.min() - pad, v.max() + pad
+            if v.size:
+                for ax in axes[r]:
+                    ax.set_ylim(lo, hi)
+        for ax in axes[r]:
+            if ax.get_yscale() == "linear":
+                ax.axhline(0, color="0.5", lw=0.6)
+    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines; shaded: bootstrap "
                  "band)" + ("; diamonds: directly measured" if measured is not None else ""),
                  fontsize=10)
     fig.tight_layout()
