@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from lesde.theory import euler_rates
 from lesde import model as m
 from lesde.fit import IEstimator, LEstimator, RegressionEstimator, Trajectory
 from lesde.solvers import simulate
@@ -97,15 +98,7 @@ def _tracked_subsets(field, R, seed, K=3, npop=300, m_tr=40, sigma=0.3):
 def _euler_truth(alpha, beta, K, dt, t, field):
     """A(t), B(t), alpha, beta implied by the Euler recursion of step dt (constant impacts):
     the linear models' mean modes grow by (1 + dt lam) per step instead of exp(dt lam)."""
-    if field == "identity":
-        l1, l2 = (alpha + (K - 1) * beta) / K, (alpha - beta) / K
-        r1, r2 = np.log1p(dt * l1) / dt, np.log1p(dt * l2) / dt
-        a, b = r1 + (K - 1) * r2, r1 - r2
-    else:
-        u = K * np.log1p(dt * (alpha - beta) / K) / dt
-        v = K * np.log1p(dt * (alpha + beta / (K - 1)) / K) / dt
-        b = (K - 1) * (v - u) / K
-        a = u + b
+    a, b = euler_rates(alpha, beta, K, dt, "identity" if field == "identity" else "label_projection")
     return a * t, b * t, a, b
 
 

@@ -32,7 +32,7 @@ from scipy.integrate import quad, solve_ivp
 from .model import Impacts, LabelProjection, Identity, make_field, as_schedule, _as_numpy
 
 __all__ = ["drift_matrix", "class_mean_moments", "within_class_moments", "imodel_modes",
-           "lmodel_modes", "mode_integral"]
+           "lmodel_modes", "mode_integral", "euler_rates"]
 
 
 def _counts(labels, K) -> np.ndarray:
@@ -195,3 +195,24 @@ def lmodel_modes(impacts: Impacts, ts, batch_index: int = 0):
     ts = np.asarray(ts, dtype=float)
     return {"symmetric": np.exp([(A(t) - B(t)) / K for t in ts]),
             "antisymmetric": np.exp([(A(t) + B(t) / (K - 1)) / K for t in ts])}
+
+
+def euler_rates(alpha: float, beta: float, K: int, dt: float, field: str = "identity"):
+    """Effective constant impacts ``(alpha_eff, beta_eff)`` seen in the Euler recursion of step dt.
+
+    The mean modes of the balanced linear models are multiplied by ``(1 + dt lam)`` per step
+    instead of ``exp(dt lam)``; an estimator applied to Euler paths recovers the rates
+    ``log(1 + dt lam)/dt``. I-model: lam = (alpha + (K-1) beta)/K (grand mean) and
+    (alpha - beta)/K (centred means); L-model ("label_projection"): (alpha - beta)/K (symmetric)
+    and (alpha + beta/(K-1))/K (antisymmetric). Inverting these gives alpha_eff, beta_eff.
+    """
+    if field == "identity":
+        r1 = np.log1p(dt * (alpha + (K - 1) * beta) / K) / dt
+        r2 = np.log1p(dt * (alpha - beta) / K) / dt
+        return r1 + (K - 1) * r2, r1 - r2
+    if field == "label_projection":
+        u = K * np.log1p(dt * (alpha - beta) / K) / dt
+        v = K * np.log1p(dt * (alpha + beta / (K - 1)) / K) / dt
+        b = (K - 1) * (v - u) / K
+        return u + b, b
+    raise ValueError(f"euler_rates is defined for identity and label_projection, not {field!r}")

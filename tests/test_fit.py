@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from lesde.theory import euler_rates
 from lesde import model as m
 from lesde import theory
 from lesde.fit import (
@@ -324,15 +325,7 @@ def _euler_truth(alpha, beta, K, dt, t, field):
     The mean modes of the linear models are multiplied by (1 + dt lam) per step instead of
     exp(dt lam); the estimators see these effective rates (e.g. A is 0.4% low at dt = 0.02 in the
     I-model with alpha = 1, beta = 0.3, a third of the bootstrap standard error of the studies)."""
-    if field == "identity":
-        l1, l2 = (alpha + (K - 1) * beta) / K, (alpha - beta) / K
-        r1, r2 = np.log1p(dt * l1) / dt, np.log1p(dt * l2) / dt
-        a, b = r1 + (K - 1) * r2, r1 - r2
-    else:
-        u = K * np.log1p(dt * (alpha - beta) / K) / dt
-        v = K * np.log1p(dt * (alpha + beta / (K - 1)) / K) / dt
-        b = (K - 1) * (v - u) / K
-        a = u + b
+    a, b = euler_rates(alpha, beta, K, dt, "identity" if field == "identity" else "label_projection")
     return a * t, b * t, a, b
 
 

@@ -135,3 +135,23 @@ def test_theory_bad_input():
         theory.class_mean_moments(imp, balanced_labels(3, 2), "cross_entropy", [0, 1], np.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"m0 must have shape"):
         theory.class_mean_moments(imp, balanced_labels(3, 2), "identity", [0, 1], np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("field", ["identity", "label_projection"])
+def test_euler_rates_are_the_recursion_growth(field):
+    # the Euler recursion m_{k+1} = (I + dt C) m_k on exact class means, read off by the modes
+    K, dt, steps, alpha, beta = 3, 0.05, 40, 1.2, 0.4
+    imp = m.Impacts.intra_inter(alpha, beta, K)
+    y = balanced_labels(K, 2)
+    p = 2 if field == "identity" else K
+    C = theory.drift_matrix(imp, np.bincount(y), field, p, 0.0)
+    m0 = np.random.default_rng(4).standard_normal((K, p))
+    mt = np.linalg.matrix_power(np.eye(K * p) + dt * C, steps) @ m0.ravel()
+    a, b = theory.euler_rates(alpha, beta, K, dt, field)
+    eff = m.Impacts.intra_inter(a, b, K)
+    expect, _ = theory.class_mean_moments(eff, y, field, [0.0, dt * steps], m0)
+    got, want = mt.reshape(K, p), expect[-1]
+    if field == "label_projection":  # the label coordinates y_k are the modes; the rest follows them
+        d = np.eye(K) - 1.0 / K
+        got, want = (d * got).sum(1), (d * want).sum(1)
+    np.testing.assert_allclose(got, want, rtol=1e-8)
