@@ -850,6 +850,10 @@ def _add_fit(sub):
                    help="increments per regression window (default max(5, (T-1)//20))")
     p.add_argument("--degree", type=int, default=0,
                    help="polynomial degree in time of E inside a regression window")
+    p.add_argument("--quadrature", choices=("left", "trapezoid"), default="left",
+                   help="rule for the integral of the drift over a log interval: left point "
+                   "(exact for one step per log entry, unbiased with noise) or trapezoid "
+                   "(second order on smooth, coarsely logged paths)")
     p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
     p.add_argument("--bootstrap", default="auto", choices=("auto", "samples", "trials", "both", "none"))
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
@@ -923,7 +927,8 @@ def _run_fit(args):
                 info["A_final_band"] = est.bands_["A"][:, -1].tolist()
                 info["B_final_band"] = est.bands_["B"][:, -1].tolist()
         else:
-            est = lf.RegressionEstimator(field, window=args.reg_window, degree=args.degree, **common).fit(traj)
+            est = lf.RegressionEstimator(field, window=args.reg_window, degree=args.degree,
+                                         quadrature=args.quadrature, **common).fit(traj)
             write_csv("regression.csv", est.results())
             info = {"window": int(est.window_), "alpha": est.alpha_.tolist(), "beta": est.beta_.tolist(),
                     "sigma": est.sigma_.tolist(), "condition_max": float(np.max(est.condition_)),
