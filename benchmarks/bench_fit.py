@@ -10,8 +10,10 @@
    (step 0.02) implies for A, B, alpha, beta (the exact values differ by 0.4%, a third of a
    standard error).
    - I- and L-estimators, sample bootstrap: R populations of 300 samples per class simulated
-     with constant impacts alpha = 1, beta = 0.3 and sigma = 0.3, 40 per class tracked; bands
-     for A(T), B(T) and alpha, beta at mid-time; 100 resamples per fit.
+     with sigma = 0.3 and impacts constant (alpha = 1, beta = 0.3; step 0.02), power-law
+     decaying (1 and 0.3 times (1 + t)^-0.6) or rising then decaying (1 and 0.3 times
+     (t/0.5) exp(1 - t/0.5)) (step 0.002, truth from the exact integrals), 40 per class
+     tracked; bands for A(T), B(T) and alpha, beta at mid-time; 100 resamples per fit.
    - I-estimator, trial bootstrap: 12 independent trials per fit (shared X(0), all 90 samples
      tracked); A(T), B(T).
    - regression estimator on the Euler recursion (step = save interval), 60 samples per class,
@@ -86,7 +88,20 @@ def _timing(repeats):
     return out
 
 
-def _tracked_subsets(field, R, seed, K=3, npop=300, m_tr=40, sigma=0.3):
+def _impacts(profile, K=3):
+    """Constant alpha = 1, beta = 0.3; power-law decay from there; rise-then-decay."""
+    if profile == "constant":
+        return m.Impacts.intra_inter(1.0, 0.3, K)
+    if profile == "power_law":
+        return m.Impacts.intra_inter(m.PowerLaw(1.0, 0.6), m.PowerLaw(0.3, 0.6), K)
+
+    def rise(a0):
+        return lambda t: a0 * (t / 0.5) * np.exp(1.0 - t / 0.5)
+    return m.Impacts.intra_inter(rise(1.0), rise(0.3), K)
+
+
+def _tracked_subsets(field, R, seed, K=3, npop=300, m_tr=40, sigma=0.3, profile="constant",
+                     step=0.02):
     y = np.tile(np.arange(K), npop)
     rng = np.random.default_rng(seed)
     s = 1.0 + np.arange(K) + 0.5 * np.arange(K) ** 2
@@ -94,8 +109,8 @@ def _tracked_subsets(field, R, seed, K=3, npop=300, m_tr=40, sigma=0.3):
     mu = 0.5 + s[:, None] * d if field == "label_projection" else 2.0 + 3.0 * d
     x0 = mu[y][None] + 0.5 * rng.standard_normal((R, y.size, K))
     ts = np.linspace(0, 2, 21)
-    sol = simulate(m.LESDE(y, m.Impacts.intra_inter(1.0, 0.3, K), field, sigma=sigma, dim=K),
-                   x0, ts, 0.02, seed=seed)
+    sol = simulate(m.LESDE(y, _impacts(profile, K), field, sigma=sigma, dim=K),
+                   x0, ts, step, seed=seed)
     for r in range(R):
         idx = np.concatenate([rng.choice(np.flatnonzero(y == k), m_tr, replace=False)
                               for k in range(K)])
@@ -112,24 +127,34 @@ def _euler_truth(alpha, beta, K, dt, t, field):
 def _coverage(replicates):
     out = {}
     alpha, beta = 1.0, 0.3
-    for field, Est in (("identity", IEstimator), ("label_projection", LEstimator)):
-        A, B, a_eff, b_eff = _euler_truth(alpha, beta, 3, 0.02, 2.0, field)
-        t0 = time.perf_counter()
-        hits = np.zeros(4)
-        done = 0
-        batch = 25
-        while done < replicates:
-            for tr in _tracked_subsets(field, min(batch, replicates - done), seed=100 + done):
-                b = Est(n_bootstrap=100, seed=done).fit(tr).bands_
-                hits += [b["A"][0, -1] <= A <= b["A"][1, -1], b["B"][0, -1] <= B <= b["B"][1, -1],
-                         b["alpha"][0, 10] <= a_eff <= b["alpha"][1, 10],
-                         b["beta"][0, 10] <= b_eff <= b["beta"][1, 10]]
-                done += 1
-        cov = dict(zip(["A(T)", "B(T)", "alpha(T/2)", "beta(T/2)"], (hits / done).tolist()))
-        out[f"{Est.__name__} sample bootstrap"] = cov
-        print(f"{Est.__name__:11s} sample bootstrap, {done} fits: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in cov.items())
-              + f"   ({time.perf_counter() - t0:.0f} s)")
+    for profile in ("constant", "power_law", "rise"):
+        for field, Est in (("identity", IEstimator), ("label_projection", LEstimator)):
+            if profile == "constant":
+                step = 0.02
+                A, B, a_eff, b_eff = _euler_truth(alpha, beta, 3, step, 2.0, field)
+            else:   # a fine step: the Euler recursion's rates are the exact ones to 0.05%
+                step = 0.002
+                imp = _impacts(profile)
+                A, B = imp.integrals(2.0)
+                a_eff, b_eff = imp.matrix(1.0)[0, 0], imp.matrix(1.0)[0, 1]
+            t0 = time.perf_counter()
+            hits = np.zeros(4)
+            done = 0
+            batch = 25
+            while done < replicates:
+                for tr in _tracked_subsets(field, min(batch, replicates - done), seed=100 + done,
+                                           profile=profile, step=step):
+                    b = Est(n_bootstrap=100, seed=done).fit(tr).bands_
+                    hits += [b["A"][0, -1] <= A <= b["A"][1, -1],
+                             b["B"][0, -1] <= B <= b["B"][1, -1],
+                             b["alpha"][0, 10] <= a_eff <= b["alpha"][1, 10],
+                             b["beta"][0, 10] <= b_eff <= b["beta"][1, 10]]
+                    done += 1
+            cov = dict(zip(["A(T)", "B(T)", "alpha(T/2)", "beta(T/2)"], (hits / done).tolist()))
+            out[f"{Est.__name__} sample bootstrap, {profile}"] = cov
+            print(f"{Est.__name__:11s} sample bootstrap, {profile:9s}, {done} fits: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in cov.items())
+                  + f"   ({time.perf_counter() - t0:.0f} s)")
 
     # trial bootstrap: each fit has 12 trials from a shared X(0)
     t0 = time.perf_counter()
