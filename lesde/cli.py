@@ -831,7 +831,10 @@ def _add_fit(sub):
         "store, with bootstrap bands; optionally simulate the fitted SDE and compare "
         "(Zhang, Wang & Su, NeurIPS 2021). Results go to --out as CSV and JSON.",
     )
-    p.add_argument("store", help="trajectory store directory written by train_and_track")
+    p.add_argument("store", nargs="+",
+                   help="trajectory store directory written by train_and_track; several stores "
+                   "(runs with other seeds, same log times and tracked labels) are fitted as "
+                   "independent trials, which identifies the full E of the cross-entropy field")
     p.add_argument("--out", default="fit_out", help="output directory")
     p.add_argument("--what", choices=("logits", "features"), default="logits",
                    help="which logged array is X (default logits)")
@@ -889,15 +892,18 @@ def _run_fit(args):
             w.writerow(keys)
             w.writerows(rows.tolist())
 
-    store = load_store(args.store)
-    traj = lf.as_trajectory(store, what=args.what, split=args.split)
+    stores = [load_store(path) for path in args.store]
+    store = stores[0]
+    traj = lf.as_trajectory(stores if len(stores) > 1 else store, what=args.what,
+                            split=args.split)
     names = [s.strip().lower() for s in args.estimators.split(",") if s.strip()]
     unknown = sorted(set(names) - {"i", "l", "regression"})
     if unknown:
         raise ValueError(f"--estimators: unknown {unknown}; use i, l, regression")
     field = args.field or ("cross_entropy" if args.what == "logits" else "identity")
     os.makedirs(args.out, exist_ok=True)
-    summary = {"store": os.path.basename(os.path.normpath(args.store)), "what": args.what,
+    summary = {"store": "+".join(os.path.basename(os.path.normpath(path)) for path in args.store),
+               "trials": traj.R, "what": args.what,
                "split": args.split, "T": traj.T, "N": traj.N, "p": traj.p, "K": traj.K,
                "field": field, "n_bootstrap": args.n_bootstrap, "seed": args.seed,
                "level": args.level, "estimators": {}}

@@ -193,11 +193,17 @@ def as_trajectory(source, *, what: str = "logits", split: str = "train",
           ("logits", default, or "features") of the tracked samples of ``split`` ("train",
           default, "test" or "all") at the logged lr-scaled times ``store.time``;
         * an array of features (T, N, p) or (R, T, N, p), with ``labels`` and ``ts`` given;
-        * a tuple ``(ts, features, labels)``.
+        * a tuple ``(ts, features, labels)``;
+        * a list of stores (or their paths): independent training runs (e.g. other seeds) with
+          the same logged times and the same tracked labels, stacked as R trials. Several runs
+          identify the full E of the cross-entropy field, which one run does not (see
+          :class:`RegressionEstimator`, "Identifiability").
     class_weights : (K,) shares of the classes in the training set (see :class:`Trajectory`).
     """
     if isinstance(source, Trajectory):
         return source
+    if isinstance(source, list):
+        return _stack_runs(source, what=what, split=split, class_weights=class_weights)
     from .solvers import Solution
 
     if isinstance(source, Solution):
@@ -231,6 +237,30 @@ def as_trajectory(source, *, what: str = "logits", split: str = "train",
         raise ValueError("an array source needs labels (N,) and ts (T,); or pass a Trajectory, "
                          "a Solution, a TrajectoryStore or a tuple (ts, features, labels)")
     return Trajectory(ts, source, labels, class_weights=class_weights)
+
+
+def _stack_runs(sources: list, **kwargs) -> Trajectory:
+    """Several logged runs as the trials of one Trajectory (same times, same tracked labels)."""
+    if not sources:
+        raise ValueError("an empty list of runs was given")
+    trajs = []
+    for i, src in enumerate(sources):
+        if not (isinstance(src, (str, os.PathLike)) or _is_store(src)):
+            raise ValueError(f"a list source must hold trajectory stores or their paths; item {i} "
+                             f"is a {type(src).__name__}")
+        trajs.append(as_trajectory(src, **kwargs))
+    first = trajs[0]
+    for i, tr in enumerate(trajs[1:], start=1):
+        if tr.ts.shape != first.ts.shape or not np.allclose(tr.ts, first.ts):
+            raise ValueError(f"run {i} is logged at other times than run 0 (T = {tr.T} vs "
+                             f"{first.T}); runs stacked as trials need the same log times")
+        if not np.array_equal(tr.labels, first.labels):
+            raise ValueError(f"run {i} tracks samples with other labels (or in another order) "
+                             "than run 0; runs stacked as trials need the same tracked labels")
+        if tr.p != first.p:
+            raise ValueError(f"run {i} has p = {tr.p}, run 0 has p = {first.p}")
+    return Trajectory(first.ts, np.concatenate([tr.features for tr in trajs], axis=0),
+                      first.labels, num_classes=first.K, class_weights=kwargs.get("class_weights"))
 
 
 # ============================================================================================

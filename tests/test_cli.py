@@ -52,3 +52,33 @@ def test_train_on_real_cifar10_end_to_end(tmp_path, cifar10_path, capsys):
     out = tmp_path / "fit"
     assert main(["fit", str(store), "--out", str(out), "--estimators", "regression", "--n-bootstrap", "0"]) == 0
     assert (out / "summary.json").exists()
+
+
+def test_fit_two_runs_as_trials(tmp_path, capsys):
+    """`lesde fit RUN1 RUN2`: two runs (other seeds) fitted as two trials; a run logged at other
+    times is one clear error line."""
+    import json
+
+    import torch
+
+    from lesde.tracking import TrainConfig, train_and_track
+
+    g = torch.Generator().manual_seed(0)
+    K, n = 3, 30
+    y = torch.arange(K).repeat(n)
+    x = torch.randn(K * n, 4, generator=g) + 2 * torch.nn.functional.one_hot(y, 4).float()
+    cfg = dict(net="mlp", num_classes=K, net_kwargs={"in_dim": 4, "hidden": [8]}, lr=0.05,
+               batch_size=1, steps=120, log_every=10, track_per_class=10)
+    for seed, steps in ((0, 120), (1, 120), (2, 60)):
+        train_and_track(TrainConfig(**cfg, seed=seed) if steps == 120 else
+                        TrainConfig(**{**cfg, "steps": steps}, seed=seed),
+                        (x, y), store=str(tmp_path / f"run{seed}"), progress=False)
+    out = tmp_path / "fit"
+    rc = main(["fit", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(out),
+               "--estimators", "regression", "--reg-window", "4", "--n-bootstrap", "5"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["store"] == "run0+run1"
+    rc = main(["fit", str(tmp_path / "run0"), str(tmp_path / "run2"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other times" in err and "Traceback" not in err

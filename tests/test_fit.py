@@ -550,3 +550,18 @@ def test_fit_a_real_trajectory_store(tmp_path):
     assert reg.E_.shape == (4, K, K) and np.all(np.isfinite(reg.alpha_))
     gof = goodness_of_fit(store, reg, "cross_entropy", n_paths=10)
     assert 0 <= gof.coverage <= 1 and np.isfinite(gof.r2)
+
+    # a second run with another seed: the two runs become two trials
+    cfg2 = TrainConfig(**{**cfg.to_dict(), "seed": 1})
+    store2 = train_and_track(cfg2, (x, y), store=str(tmp_path / "run2"), progress=False)
+    both = as_trajectory([str(tmp_path / "run"), store2])
+    assert both.R == 2 and both.features.shape == (2, 21, 30, K)
+    np.testing.assert_array_equal(both.features[1], as_trajectory(store2).features[0])
+    reg2 = RegressionEstimator("cross_entropy", window=5, n_bootstrap=10).fit(both)
+    assert reg2.bootstrap_mode_ == "trials" and np.all(np.isfinite(reg2.E_))
+    short = TrainConfig(**{**cfg.to_dict(), "seed": 1, "steps": 100})
+    train_and_track(short, (x, y), store=str(tmp_path / "short"), progress=False)
+    with pytest.raises(ValueError, match="other times"):
+        as_trajectory([store, str(tmp_path / "short")])
+    with pytest.raises(ValueError, match="trajectory stores or their paths"):
+        as_trajectory([store, np.zeros(3)])
