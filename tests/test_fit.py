@@ -13,7 +13,7 @@ recovered to rounding. On finer-stepped (near continuous-time) paths the increme
 
 Coverage. The requirement is that nominal 95% bands cover the truth in at least 90% of
 replicated fits (percentile bootstrap bands of these small-sample ratio estimators cover
-about 0.92-0.95, see benchmarks/bench_fit.py for the 100-replicate study). A replicated study
+0.90-0.96, see benchmarks/bench_fit.py and its 400-replicate results in benchmarks/README.md). A replicated study
 of 25 independent fits asserts at least 18 covering fits: if the true coverage were exactly
 0.90, P(X < 18) = 0.0023 for X ~ Binomial(25, 0.90).
 """
