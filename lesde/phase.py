@@ -667,6 +667,24 @@ def _check_chunk_memory(spec: PhaseSpec, plan, parallel: int = 1) -> None:
                  "(--saves)" + (", or fewer workers" if parallel > 1 else ""))
 
 
+def _prepare_check(spec: PhaseSpec, directory, plan=None):
+    """Before any work: the table of a sweep already finished in ``directory`` (read, nothing
+    written), or None after checking that the directory belongs to ``spec`` (or is new) and can
+    be written."""
+    from .storage import check_output_path
+
+    directory = os.fspath(directory)
+    plan = spec.chunks() if plan is None else plan
+    if os.path.isdir(directory) and _check_directory(directory, spec, plan):
+        runs = _finished(directory, spec)
+        if runs is not None:
+            table = summarize_runs(runs.drop(columns="spec_sha256"), spec)
+            table.attrs.update({"complete": True, "spec": spec.to_dict()})
+            return table
+    check_output_path(directory, "sweep directory", directory=True)
+    return None
+
+
 def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
               max_chunks: Optional[int] = None, threads: Optional[int] = None,
               progress: bool = False):
@@ -710,16 +728,12 @@ def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
     plan = spec.chunks()
     if directory is None:
         return _sweep(spec, None, plan, client, max_chunks, threads, progress)
-    from .storage import DirectoryLock, check_output_path, remove_stale_temporaries
+    from .storage import DirectoryLock, remove_stale_temporaries
 
     directory = os.fspath(directory)
-    if os.path.isdir(directory) and _check_directory(directory, spec, plan):
-        runs = _finished(directory, spec)
-        if runs is not None:  # finished: nothing to write
-            table = summarize_runs(runs.drop(columns="spec_sha256"), spec)
-            table.attrs.update({"complete": True, "spec": spec.to_dict()})
-            return table
-    check_output_path(directory, "sweep directory", directory=True)
+    finished = _prepare_check(spec, directory, plan)
+    if finished is not None:  # finished: nothing to write
+        return finished
     if client is None:
         _check_chunk_memory(spec, plan)
     os.makedirs(os.path.join(directory, "chunks"), exist_ok=True)
