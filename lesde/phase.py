@@ -626,6 +626,20 @@ def _check_directory(directory, spec: PhaseSpec, plan) -> bool:
     return True
 
 
+def _check_chunk_fingerprints(directory, spec: PhaseSpec) -> None:
+    """Every chunk file carries this sweep's fingerprint (reads one column of each)."""
+    import pandas as pd
+
+    fp = spec.fingerprint()
+    for i, path in sorted(_chunk_files(directory).items()):
+        try:
+            col = pd.read_parquet(path, columns=["spec_sha256"])["spec_sha256"]
+        except Exception:
+            col = None
+        if col is None or set(col.astype(str)) != {fp}:
+            _check_rows(_read_parquet(path, "sweep chunk"), path, spec, "sweep chunk")
+
+
 def _finished(directory, spec: PhaseSpec):
     """The per-run rows of a finished sweep in ``directory`` (None if not finished)."""
     runs_path = os.path.join(directory, "runs.parquet")
@@ -633,6 +647,7 @@ def _finished(directory, spec: PhaseSpec):
         return None
     runs = _read_parquet(runs_path, "sweep results")
     _check_rows(runs, runs_path, spec, "sweep results")
+    _check_chunk_fingerprints(directory, spec)
     return runs
 
 
@@ -827,6 +842,7 @@ def load_sweep(directory: str):
     if os.path.exists(runs_path):
         runs, complete = _read_parquet(runs_path, "sweep results"), True
         _check_rows(runs, runs_path, spec, "sweep results")
+        _check_chunk_fingerprints(directory, spec)
     else:
         parts = [_read_chunk(directory, i, spec, plan) for i in sorted(_chunk_files(directory))]
         if not parts:

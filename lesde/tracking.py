@@ -1182,7 +1182,7 @@ def train_and_track(
         done = _finished_store(path, config, fingerprint)  # finished while we waited
         if done is not None:
             return done
-        remove_stale_temporaries(path)
+        remove_stale_temporaries(path, recursive=True)
         start = 0
         ts = None
         try:
