@@ -959,6 +959,16 @@ def _run_train(args):
                          "another path")
     if not (os.path.isdir(args.store) and os.listdir(args.store)):  # a new store
         _check_out(args.store, "store", directory=True)
+    elif os.path.exists(os.path.join(args.store, "zarr.json")):  # resuming: same config?
+        from .tracking import PartialStoreError, TrajectoryStore, _config_diff
+
+        try:
+            have = TrajectoryStore.open(args.store, mode="r", verify=False).config
+        except PartialStoreError:
+            have = config
+        if have != config:
+            raise ValueError(f"store {args.store} holds a run with a different config "
+                             f"({_config_diff(have, config)}); use another store path")
     if args.data == "cifar10":
         train = _data.load_cifar10(path, "train", classes=labels, per_class=args.per_class,
                                    seed=args.data_seed, as_tensor=True)

@@ -156,11 +156,15 @@ class PhaseSpec:
             if name in ("noise", "drift"):
                 vals = [str(v) for v in vals]
             elif name in ("K", "n"):
-                if any(int(v) != v or int(v) < 1 for v in vals):
+                if any(isinstance(v, (str, bool)) or not isinstance(v, (int, float, np.number))
+                       or not math.isfinite(v) or int(v) != v or int(v) < 1 for v in vals):
                     raise ValueError(f"grid parameter {name!r} must hold positive integers, got {vals}")
                 vals = [int(v) for v in vals]
             else:
-                vals = [float(v) for v in vals]
+                try:
+                    vals = [float(v) for v in vals]
+                except (TypeError, ValueError):
+                    raise ValueError(f"grid parameter {name!r} must hold numbers, got {vals}") from None
                 if not all(math.isfinite(v) for v in vals):
                     raise ValueError(f"grid parameter {name!r} must be finite, got {vals}")
             norm.append((str(name), tuple(vals)))
@@ -172,10 +176,24 @@ class PhaseSpec:
         if "r" in names and ("r_alpha" in names or "r_beta" in names):
             raise ValueError("give r (both decay exponents) or r_alpha/r_beta in the grid, not both")
         object.__setattr__(self, "grid", tuple(norm))
-        times = tuple(float(t) for t in np.atleast_1d(np.asarray(self.times, dtype=float)))
+        try:
+            times = tuple(float(t) for t in np.atleast_1d(np.asarray(self.times, dtype=float)))
+        except (TypeError, ValueError):
+            raise ValueError(f"times must be positive finite numbers, got {self.times!r}") from None
         if not times or any(not (math.isfinite(t) and t > 0) for t in times):
             raise ValueError(f"times must be positive finite numbers, got {self.times}")
         object.__setattr__(self, "times", tuple(sorted(set(times))))
+        for name in ("dt", "lr", "t0", "loss_threshold", "alpha", "beta", "r_alpha", "r_beta",
+                     "sigma", "init_std"):
+            try:
+                float(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}") from None
+        for name in ("K", "n", "saves", "replicates", "chunk_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bool)) or not isinstance(v, (int, float, np.number)) \
+                    or not math.isfinite(v):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("dt", "lr", "t0", "loss_threshold"):
             v = float(getattr(self, name))
             if not (math.isfinite(v) and v > 0):
@@ -197,6 +215,9 @@ class PhaseSpec:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         object.__setattr__(self, "seed", int(self.seed))
         if self.p is not None:
+            if isinstance(self.p, (str, bool)) or not isinstance(self.p, (int, float, np.number)) \
+                    or not math.isfinite(self.p) or int(self.p) != self.p or self.p < 1:
+                raise ValueError(f"p must be a positive integer or None, got {self.p!r}")
             object.__setattr__(self, "p", int(self.p))
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")

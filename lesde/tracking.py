@@ -270,6 +270,11 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in d and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"TrainConfig fields missing: {', '.join(missing)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -279,7 +284,13 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not a valid TrainConfig JSON text ({exc})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig JSON text is an object, got {type(d).__name__}")
+        return cls.from_dict(d)
 
     def total_steps(self, n_train: int) -> int:
         """Number of optimizer steps of the run for a training set of ``n_train`` samples."""
