@@ -3,7 +3,8 @@ stray temporary files, and loading of checkpoints that cannot run code.
 
 * :func:`atomic_write` writes a file through a temporary file in the same directory and an
   ``os.replace``: a reader (or a run killed at any instant) sees either the old file or the new
-  one, never a mixture; the temporary file is removed when the write fails.
+  one, never a mixture; the temporary file is removed when the write fails, and temporary files
+  of the same target left by killed writers of this host are removed by the next write.
 * :class:`DirectoryLock` makes a directory (a trajectory store, a sweep folder) single-writer.
   The lock is a file ``lesde.lock`` inside it holding the writer's pid, host and start time, and
   an advisory ``flock`` on that file, which the kernel releases when the writer dies (``kill -9``
@@ -58,11 +59,36 @@ class UnsafeFileError(ValueError, pickle.UnpicklingError):
 # --------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------
+def _host_tag() -> str:
+    import hashlib
+
+    return hashlib.sha256(_host().encode()).hexdigest()[:6]
+
+
 def _temp_name(path: str) -> str:
     head, tail = os.path.split(os.path.abspath(path))
     root, ext = os.path.splitext(tail)
     # keep the extension last: some writers (matplotlib) pick the format from it
-    return os.path.join(head, f".{root}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}{ext}")
+    return os.path.join(head, f".{root}{_TMP_TAG}{_host_tag()}-{os.getpid()}-"
+                              f"{secrets.token_hex(4)}{ext}")
+
+
+def _remove_dead_siblings(path: str) -> None:
+    """Remove temporary files of ``path`` left by writers of this host that no longer run
+    (a write killed between its temporary file and the rename)."""
+    head, tail = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(tail)
+    pattern = re.compile(rf"^\.{re.escape(root)}{re.escape(_TMP_TAG)}{_host_tag()}-(\d+)-"
+                         rf"[0-9a-f]+{re.escape(ext)}$")
+    try:
+        names = os.listdir(head)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(head, name))
 
 
 @contextlib.contextmanager
@@ -76,6 +102,7 @@ def atomic_write(path, mode: str = "wb", fsync: bool = True, **kwargs):
     if "r" in mode or "a" in mode or "+" in mode:
         raise ValueError(f"atomic_write opens files for writing only, got mode {mode!r}")
     path = os.fspath(path)
+    _remove_dead_siblings(path)
     tmp = _temp_name(path)
     try:
         with open(tmp, mode, **kwargs) as f:

@@ -61,6 +61,22 @@ permutation and position) and the step are written to ``<store>/checkpoint.ckpt`
 (a temporary file, then a rename). Calling :func:`train_and_track` again with the same config and
 store resumes from that checkpoint: rows logged after the checkpoint step are dropped and logged
 again, so that the store of an interrupted-and-resumed run equals that of an uninterrupted run.
+
+Shared stores are untrusted [package choice]. A checkpoint holds only tensors, numbers, strings
+and plain containers (random states as integer tensors) and is read with
+``torch.load(weights_only=True)``: a crafted checkpoint whose pickle would run code is refused
+(:class:`lesde.storage.UnsafeFileError`) before anything in it runs. Store attributes are JSON;
+every array must have its documented numeric dtype and plain compression codecs (a codec such as
+``pickle`` is refused before data are read). Zarr reads a missing chunk as zeros, so every chunk
+is written (empty ones too) and :func:`load_store` refuses a store with a missing chunk
+(:class:`StoreDamagedError`, naming the array and its rows and steps).
+
+One writer per store: :func:`train_and_track` holds ``<store>/lesde.lock`` (pid, host and an
+advisory ``flock``) while it writes; a second writer gets
+:class:`lesde.storage.DirectoryLockedError`, a lock left by a killed writer on this host is taken
+over with a warning. A store is created with a marker attribute that is replaced, in one atomic
+write, by its config and data fingerprint: a creation interrupted in between is recognised
+(:class:`PartialStoreError`) and recreated by the next run.
 """
 from __future__ import annotations
 

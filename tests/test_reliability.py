@@ -505,5 +505,14 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path):
             f.write(b"half")
             raise Boom
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["sol.npz"]
+    # a write killed between its temporary file and the rename: the next write removes it
+    from lesde.storage import _host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = tmp_path / f".sol.lesde-tmp-{_host_tag()}-{dead}-0badc0de.npz"
+    left.write_bytes(b"half")
+    sol.save(path)
+    assert not left.exists() and Solution.load(path).ts.tolist() == [0.0, 1.0]
     assert sol.save(tmp_path / "noext") == str(tmp_path / "noext.npz")  # numpy's naming kept
     Solution.load(tmp_path / "noext.npz")
