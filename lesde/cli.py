@@ -1181,9 +1181,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
     from .resources import InsufficientMemoryError
     from .tracking import TrainingDivergedError
 
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"lesde {args.command}: warning: {message}\n")
     try:
         _threads(args)
         return int(args.func(args) or 0)
@@ -1191,6 +1196,8 @@ def main(argv=None) -> int:
             TrainingDivergedError) as exc:  # user errors: one clear line
         print(f"lesde {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":  # pragma: no cover
