@@ -272,7 +272,7 @@ class DirectoryLock:
                     warnings.warn(
                         f"{self.what} {self.directory}: taking over the lock left by "
                         f"{self._describe(rec)}, which is no longer running (it was interrupted; "
-                        "its work up to the last checkpoint is kept)", RuntimeWarning, stacklevel=3)
+                        "what it had saved is kept)", RuntimeWarning, stacklevel=3)
                 record = {"pid": os.getpid(), "host": _host(), "since": time.time()}
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
