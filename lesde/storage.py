@@ -146,8 +146,16 @@ def check_output_path(path, what: str = "output file", directory: bool = False) 
             probe = parent
         if not os.path.isdir(probe):
             raise ValueError(f"{what} {path}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: the directory {probe} is not writable")
+    # try it: permission bits say nothing for root or on a read-only mount
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lesde-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: the directory {probe} is not writable "
+                         f"({exc.strerror})") from None
     return path
 
 
