@@ -43,7 +43,7 @@ from .model import LESDE, _Layout
 from .resources import check_device
 
 __all__ = ["simulate", "simulate_feature_sgd", "Solution", "LESDEOverflowWarning",
-           "initial_state", "FORMAT_VERSION"]
+           "initial_state", "simulation_bytes", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 

@@ -253,11 +253,14 @@ class DirectoryLock:
                     f"cannot create the lock file {self.path} ({exc.strerror}); the {self.what} "
                     "must be in a writable directory") from None
             try:
-                if fcntl is not None:
+                flocked = fcntl is not None
+                if flocked:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         raise self._busy(self._read_record(fd)) from None
+                    except OSError:  # a file system without flock: fall back on the pid
+                        flocked = False
                 # the file we locked must still be the one at self.path (a releasing writer
                 # unlinks it; a concurrent taker may have replaced it)
                 try:
@@ -275,7 +278,8 @@ class DirectoryLock:
                             f"host: {self._describe(rec)}. Whether that writer is still running "
                             f"cannot be checked from here; if no process on {rec.get('host')!r} "
                             f"writes to it any more, delete {self.path} and run again")
-                    if fcntl is None and _pid_alive(rec.get("pid", -1)):
+                    if not flocked and (rec.get("pid") == os.getpid()
+                                        or _pid_alive(rec.get("pid", -1))):
                         raise self._busy(rec)
                     warnings.warn(
                         f"{self.what} {self.directory}: taking over the lock left by "
