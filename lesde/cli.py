@@ -20,10 +20,48 @@ def _subcommand(add):
 
 
 def _threads(args) -> None:
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        _check_args(args, threads="pos_int")
         import torch
 
         torch.set_num_threads(int(args.threads))
+
+
+_RULES = {
+    "pos_int": ("a positive integer", lambda v: float(v) == int(v) and v >= 1),
+    "nonneg_int": ("a non-negative integer", lambda v: float(v) == int(v) and v >= 0),
+    "pos_float": ("positive (and finite)", lambda v: v > 0 and v < float("inf")),
+    "nonneg_float": ("non-negative (and finite)", lambda v: v >= 0 and v < float("inf")),
+    "finite": ("a finite number", lambda v: abs(v) < float("inf")),
+    "fraction": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+}
+
+
+def _check_args(args, **rules) -> None:
+    """``rules``: argument name -> one of _RULES; None values are skipped. A value breaking its
+    rule is a ValueError naming the option (one line and exit status 2 from main)."""
+    import numpy as np
+
+    for name, rule in rules.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        text, ok = _RULES[rule]
+        values = np.atleast_1d(np.asarray(value, dtype=float))
+        try:
+            good = all(bool(ok(float(v))) for v in values)
+        except (ValueError, OverflowError):
+            good = False
+        if not good:
+            shown = value if np.ndim(value) == 0 else ",".join(f"{v:g}" for v in values)
+            raise ValueError(f"--{name.replace('_', '-')} must be {text}, got {shown}")
+
+
+def _check_out(path, option: str, directory: bool = False) -> None:
+    """The output path of an option can be written (checked before any work)."""
+    from .storage import check_output_path
+
+    check_output_path(path, option, directory=directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,9 +73,13 @@ def _floats(text: str):
     """'0.5' -> 0.5; '0.2,0.5,1' -> array (batched parameter)."""
     import numpy as np
 
-    vals = [float(v) for v in str(text).split(",") if v.strip()]
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        vals = []
     if not vals:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, "
+                                         f"got {text!r}")
     return vals[0] if len(vals) == 1 else np.array(vals)
 
 
@@ -78,12 +120,37 @@ def _build_sde(args):
                  noise=args.noise, lr=args.lr if args.noise in ("sgd", "both") else None, dim=args.p)
 
 
+def _check_model_args(args) -> None:
+    """Validate the model and solver options before any work (each error names its option)."""
+    import numpy as np
+
+    _check_args(args, K="pos_int", n="pos_int", p="pos_int", saves="pos_int", runs="pos_int",
+                seed="nonneg_int", T="pos_float", dt="pos_float", lr="pos_float",
+                init_std="nonneg_float", alpha="finite", beta="finite", sigma="nonneg_float")
+    if args.saves < 2:
+        raise ValueError(f"--saves must be at least 2 (the initial and the final time), got {args.saves}")
+    from .resources import check_device
+
+    check_device(args.device, "--device")
+    B = 1
+    for name in ("alpha", "beta", "sigma"):
+        B = max(B, int(np.size(getattr(args, name))))
+    B *= args.runs
+    from .solvers import _check_simulation_memory
+    import torch
+
+    p = args.p if args.p is not None else args.K
+    _check_simulation_memory(B, args.K * args.n, p, args.K, args.saves, getattr(args, "record", "full"),
+                             getattr(torch, args.dtype), args.noise in ("sgd", "both"), args.device)
+
+
 def _simulate_from_args(args, record="full"):
     import numpy as np
     import torch
 
     from .solvers import initial_state, simulate
 
+    _check_model_args(args)
     sde = _build_sde(args)
     B = (sde.param_batch or 1) * args.runs
     dtype = getattr(torch, args.dtype)
@@ -92,7 +159,7 @@ def _simulate_from_args(args, record="full"):
         raise ValueError("batched alpha/beta/sigma with --runs > 1: give one or the other")
     ts = np.linspace(0.0, args.T, max(2, args.saves))
     return sde, simulate(sde, x0, ts, args.dt, backend=args.backend, method=args.method, seed=args.seed,
-                         record=record, progress=not args.no_progress)
+                         record=record, dtype=dtype, device=args.device, progress=not args.no_progress)
 
 
 def _summary_lines(sde, sol):
@@ -130,8 +197,12 @@ def _add_simulate(sub):
 
 
 def _run_simulate(args):
+    import os
+
+    _check_out(args.output, "-o/--output")
     sde, sol = _simulate_from_args(args, record=args.record)
-    sol.save(args.output)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    args.output = sol.save(args.output)
     print(f"simulated {sol.num_runs} run(s): N = {sde.N}, K = {sde.K}, p = {sde.p}, {args.drift} drift, "
           f"{args.noise} noise, T = {args.T:g}, dt = {args.dt:g} ({sol.params['wall_seconds']:.2f} s)")
     if sol.states is not None:
@@ -156,6 +227,8 @@ def _add_demo(sub):
 def _run_demo(args):
     import numpy as np
 
+    _check_args(args, T="pos_float", seed="nonneg_int")
+    _check_out(args.out, "--out")
     from . import figures
     from .model import LESDE, Impacts
     from .solvers import initial_state, simulate
@@ -238,6 +311,8 @@ def _add_figures(sub):
 def _run_fig_sgd_vs_sde(args):
     import numpy as np
 
+    _check_args(args, runs="pos_int", T="pos_float", lrs="pos_float", seed="nonneg_int")
+    _check_out(args.out, "--out")
     from . import figures
     from .model import LESDE, Impacts
     from .solvers import initial_state, simulate, simulate_feature_sgd
@@ -277,7 +352,18 @@ def _grid_values(text: str):
         parts = text.split(":")
         if len(parts) != 3:
             raise argparse.ArgumentTypeError(f"a range is START:STOP:COUNT, got {text!r}")
-        return [float(v) for v in np.linspace(float(parts[0]), float(parts[1]), int(parts[2]))]
+        try:
+            a, b = float(parts[0]), float(parts[1])
+            count = float(parts[2])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a range is START:STOP:COUNT of numbers, got {text!r}") from None
+        if not (np.isfinite(a) and np.isfinite(b)):
+            raise argparse.ArgumentTypeError(f"START and STOP must be finite, got {text!r}")
+        if not (np.isfinite(count) and count == int(count) and count >= 1):
+            raise argparse.ArgumentTypeError(f"COUNT must be a positive integer, got {parts[2]!r} in {text!r}")
+        if count > 10**7:
+            raise argparse.ArgumentTypeError(f"COUNT {int(count)} is too many values for one axis")
+        return [float(v) for v in np.linspace(a, b, int(count))]
     vals = [v.strip() for v in text.split(",") if v.strip()]
     if not vals:
         raise argparse.ArgumentTypeError(f"expected values, got {text!r}")
@@ -338,6 +424,14 @@ def _phase_spec_from_args(args):
     from .phase import PhaseSpec
 
     grid, fixed = [], {}
+    for name in [n for n, _ in _PHASE_GRID_ARGS] + ["times"]:
+        vals = getattr(args, name)
+        if name != "noise" and vals is not None and any(isinstance(v, str) for v in vals):
+            bad = next(v for v in vals if isinstance(v, str))
+            raise ValueError(f"--{name.replace('_', '-')} takes numbers, got {bad!r}")
+    _check_args(args, times="pos_float", dt="pos_float", saves="pos_int", replicates="pos_int",
+                seed="nonneg_int", chunk_size="pos_int", loss_threshold="pos_float", p="pos_int",
+                workers="pos_int", max_chunks="nonneg_int")
     for name, _ in _PHASE_GRID_ARGS:
         vals = getattr(args, name)
         if vals is None:
@@ -363,6 +457,17 @@ def _run_phase(args):
     client = cluster = None
     if args.dask_scheduler and args.workers:
         raise ValueError("give --dask-scheduler or --workers, not both")
+    from .phase import _check_chunk_memory, _prepare_check
+
+    finished = _prepare_check(spec, args.out)  # a finished sweep, or the output checked
+    if finished is not None:
+        print(f"phase sweep {spec.digest()} in {args.out} is already finished; nothing to do")
+        for T, g in finished.groupby("T"):
+            print(f"  T = {T:g}: mean P(separable) {g['p_sep'].mean():.3f} (order parameter), "
+                  f"{g['p_lp'].mean():.3f} (LP, any affine classifier)")
+        return 0
+    if not args.dask_scheduler:
+        _check_chunk_memory(spec, spec.chunks(), parallel=args.workers or 1)
     if args.dask_scheduler or args.workers:
         from distributed import Client, LocalCluster
 
@@ -401,15 +506,21 @@ def _run_fig_phase(args):
     from . import figures
     from .phase import load_sweep
 
+    out = args.out or os.path.join(args.sweep_dir, "phase.png")
+    _check_out(out, "--out")
+    if args.csv:
+        _check_out(args.csv, "--csv")
     spec, table = load_sweep(args.sweep_dir)
     if not table.attrs.get("complete", False):
         print("warning: the sweep is not finished; drawing the finished chunks")
     if args.value not in table.columns:
         raise ValueError(f"--value {args.value!r} is not a table column; e.g. p_sep, p_lp, p_loss, "
                          f"loss_mean, nc1_mean, t_sep_mean")
-    out = args.out or os.path.join(args.sweep_dir, "phase.png")
     if args.csv:
-        table.to_csv(args.csv, index=False, float_format="%.6g")
+        from .storage import atomic_write
+
+        with atomic_write(args.csv, "w", newline="") as f:
+            table.to_csv(f, index=False, float_format="%.6g")
         print(f"wrote {args.csv}")
     print(f"wrote {figures.plot_phase(table, out, value=args.value, title=args.title, theory_c=args.theory_c)}")
 
@@ -417,7 +528,11 @@ def _run_fig_phase(args):
 def _cases(text):
     pairs = []
     for item in str(text).split(";"):
-        a, b = (float(v) for v in item.split(","))
+        try:
+            a, b = (float(v) for v in item.split(","))
+        except ValueError:
+            raise ValueError(f"--cases: each case is ALPHA,BETA (cases separated by ';'), got "
+                             f"{item!r}") from None
         pairs.append((a, b))
     if not pairs:
         raise ValueError("--cases needs at least one alpha,beta pair")
@@ -435,6 +550,9 @@ def _run_fig_nc(args):
     from .solvers import initial_state, simulate
 
     cases = _cases(args.cases)
+    _check_args(args, K="pos_int", n="pos_int", T="pos_float", dt="pos_float", runs="pos_int",
+                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
+    _check_out(args.out, "--out")
     K, R = args.K, args.runs
     y = np.repeat(np.arange(K), args.n)
     a = np.repeat([c[0] for c in cases], R)
@@ -451,7 +569,10 @@ def _run_fig_nc(args):
     summary = frame.drop(columns="time_index").groupby(["run", "t"], sort=False).median().reset_index()
     summary = summary.rename(columns={"run": "case"})
     csv = os.path.splitext(args.out)[0] + ".csv"
-    summary.to_csv(csv, index=False, float_format="%.6g")
+    from .storage import atomic_write
+
+    with atomic_write(csv, "w", newline="") as f:
+        summary.to_csv(f, index=False, float_format="%.6g")
     noise = (f"SGD sampling noise, lr = {args.lr:g}" if args.noise == "sgd" else
              f"additive sigma = {args.sigma:g}" if args.noise == "additive" else
              f"SGD noise (lr = {args.lr:g}) + additive sigma = {args.sigma:g}")
@@ -473,6 +594,9 @@ def _run_fig_clouds(args):
     from .solvers import Solution, initial_state, simulate
 
     cases = _cases(args.cases)
+    _check_args(args, K="pos_int", n="pos_int", times="nonneg_float", dt="pos_float",
+                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
+    _check_out(args.out, "--out")
     K = args.K
     y = np.repeat(np.arange(K), args.n)
     a = np.array([c[0] for c in cases])
@@ -737,8 +861,8 @@ def _add_train(sub):
     r.add_argument("--weight-decay", type=float, default=5e-4)
     r.add_argument("--batch-size", type=int, default=128)
     length = r.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=0)
-    length.add_argument("--epochs", type=float, default=0.0)
+    length.add_argument("--steps", type=int, default=None)
+    length.add_argument("--epochs", type=float, default=None)
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--track", type=int, default=100, help="tracked train samples per class")
     r.add_argument("--track-test", type=int, default=100, help="tracked test samples per class")
@@ -764,31 +888,48 @@ def _run_train(args):
     import torch
 
     from . import data as _data
-    from .tracking import TrainConfig, train_and_track
+    from .resources import check_device
+    from .tracking import TrainConfig, _build_model, _is_lesde_dir, train_and_track
 
+    # everything that can be checked is checked before the data are loaded
+    _check_args(args, per_class="pos_int", test_per_class="pos_int", p_err="fraction",
+                data_seed="nonneg_int", width="pos_float", lr="pos_float",
+                momentum="nonneg_float", weight_decay="nonneg_float", batch_size="pos_int",
+                steps="pos_int", epochs="pos_float", log_every="pos_int", track="pos_int",
+                track_test="nonneg_int", seed="nonneg_int", checkpoint_every="nonneg_int",
+                impacts_every="nonneg_int", impacts_per_class="nonneg_int")
     if args.data == "cifar10":
         path = args.data_path or os.environ.get("LESDE_CIFAR10", "")
         if not path:
             raise ValueError("no CIFAR-10 location: give --data-path or set LESDE_CIFAR10")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data-path: CIFAR-10 path does not exist: {path}")
         classes = [int(c) if c.isdigit() else c for c in args.classes]
-        names = [_data.CIFAR10_CLASSES[c] if isinstance(c, int) else c for c in classes]
-        train = _data.load_cifar10(path, "train", classes=classes, per_class=args.per_class,
-                                   seed=args.data_seed, as_tensor=True)
-        test = _data.load_cifar10(path, "test", classes=classes, per_class=args.test_per_class,
-                                  seed=args.data_seed, as_tensor=True)
-        in_channels = 3
+        try:
+            labels = _data._resolve_classes(classes)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None
+        names = [_data.CIFAR10_CLASSES[c] for c in labels]
+        in_channels, in_dim = 3, 3 * 32 * 32
     else:
         names = list(_data.GEOMNIST_CLASSES)
-        g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err)
-        g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1)
-        train = (torch.from_numpy(g_tr.images), torch.from_numpy(g_tr.labels))
-        test = (torch.from_numpy(g_te.images), torch.from_numpy(g_te.clean_labels))
-        in_channels = 1
+        in_channels, in_dim = 1, 32 * 32
     if args.config:
-        with open(args.config) as fh:
-            config = TrainConfig.from_json(fh.read())
+        try:
+            with open(args.config) as fh:
+                config = TrainConfig.from_json(fh.read())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--config {args.config}: not a valid TrainConfig JSON file ({exc})") from None
+        if config.num_classes != len(names):
+            raise ValueError(f"--config {args.config}: num_classes = {config.num_classes}, but the "
+                             f"data have {len(names)} classes")
     else:
-        net_kwargs = json.loads(args.net_kwargs)
+        try:
+            net_kwargs = json.loads(args.net_kwargs)
+        except ValueError as exc:
+            raise ValueError(f"--net-kwargs must be a JSON object, e.g. '{{\"width\": 0.5}}' ({exc})") from None
+        if not isinstance(net_kwargs, dict):
+            raise ValueError(f"--net-kwargs must be a JSON object, got {args.net_kwargs!r}")
         if args.net.startswith("resnet"):
             net_kwargs.setdefault("in_channels", in_channels)
             if args.width is not None:
@@ -796,9 +937,9 @@ def _run_train(args):
         elif args.net == "lenet":
             net_kwargs.setdefault("in_channels", in_channels)
         elif args.net == "mlp":
-            net_kwargs.setdefault("in_dim", int(train[0][0].numel()))
-        steps, epochs = args.steps, args.epochs
-        if steps <= 0 and epochs <= 0:
+            net_kwargs.setdefault("in_dim", in_dim)
+        steps, epochs = args.steps or 0, args.epochs or 0.0
+        if args.steps is None and args.epochs is None:
             epochs = 1.0
         config = TrainConfig(
             net=args.net, num_classes=len(names), net_kwargs=net_kwargs,
@@ -811,6 +952,33 @@ def _run_train(args):
             impacts_every=args.impacts_every, impacts_per_class=args.impacts_per_class,
             class_names=tuple(str(n) for n in names),
         )
+    check_device(config.device, "--device")
+    _build_model(config, device="cpu")  # the network's arguments, before loading data
+    if os.path.exists(args.store) and not _is_lesde_dir(args.store):
+        raise ValueError(f"store {args.store} exists and is not a lesde trajectory store; use "
+                         "another path")
+    if not (os.path.isdir(args.store) and os.listdir(args.store)):  # a new store
+        _check_out(args.store, "store", directory=True)
+    elif os.path.exists(os.path.join(args.store, "zarr.json")):  # resuming: same config?
+        from .tracking import PartialStoreError, TrajectoryStore, _config_diff
+
+        try:
+            have = TrajectoryStore.open(args.store, mode="r", verify=False).config
+        except PartialStoreError:
+            have = config
+        if have != config:
+            raise ValueError(f"store {args.store} holds a run with a different config "
+                             f"({_config_diff(have, config)}); use another store path")
+    if args.data == "cifar10":
+        train = _data.load_cifar10(path, "train", classes=labels, per_class=args.per_class,
+                                   seed=args.data_seed, as_tensor=True)
+        test = _data.load_cifar10(path, "test", classes=labels, per_class=args.test_per_class,
+                                  seed=args.data_seed, as_tensor=True)
+    else:
+        g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err)
+        g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1)
+        train = (torch.from_numpy(g_tr.images), torch.from_numpy(g_tr.labels))
+        test = (torch.from_numpy(g_te.images), torch.from_numpy(g_te.clean_labels))
     store = train_and_track(config, train, test, args.store, progress=not args.no_progress)
     m = store.metrics()
     print(f"{store.path}: T={len(store)} logged times, step {int(m['step'][-1])}, "
@@ -1013,12 +1181,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _threads(args)
+    import warnings
+
+    from .resources import InsufficientMemoryError
+    from .tracking import TrainingDivergedError
+
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"lesde {args.command}: warning: {message}\n")
     try:
+        _threads(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as exc:  # user errors: one clear line
+    except (ValueError, FileNotFoundError, OSError, InsufficientMemoryError,
+            TrainingDivergedError) as exc:  # user errors: one clear line
         print(f"lesde {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -571,6 +571,17 @@ def _render(kind: int, t: float, angle_deg: float, sigma: float, size: int) -> n
     return np.clip(img, 0.0, 1.0)
 
 
+def _fraction(name: str, value) -> float:
+    """A number in [0, 1], or a ValueError naming the argument."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, (bool, str, bytes)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return v
+
+
 def make_geomnist(n_per_class: int, seed: int = 0, p_err: float = 0.0,
                   image_size: int = 32) -> GeoMNIST:
     """Generate GeoMNIST (Zhang, Wang & Su, NeurIPS 2021, arXiv 2110.05960).
@@ -607,6 +618,9 @@ def make_geomnist(n_per_class: int, seed: int = 0, p_err: float = 0.0,
         raise ValueError(f"n_per_class must be a positive integer, got {n_per_class!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+    p_err = _fraction("p_err", p_err)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     n_per_class, image_size = int(n_per_class), int(image_size)
     k = len(GEOMNIST_CLASSES)
     image_seq, noise_seq = np.random.SeedSequence([int(seed), 0x6E0]).spawn(2)
@@ -648,8 +662,9 @@ def apply_label_noise(labels, p_err: float, num_classes: int, seed=0) -> np.ndar
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} "
                          f"dtype {labels.dtype}")
-    if not 0.0 <= float(p_err) <= 1.0:
-        raise ValueError(f"p_err must lie in [0, 1], got {p_err}")
+    p_err = _fraction("p_err", p_err)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise ValueError(f"num_classes must be an integer, got {num_classes!r}")
     if num_classes < 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
         raise ValueError(f"labels must lie in 0..num_classes-1 = 0..{num_classes - 1}")
     if num_classes == 1 and p_err > 0:

@@ -27,11 +27,18 @@ def _plt():
 
 
 def _save(fig, path) -> str:
+    """Write the figure atomically (a temporary file beside it, then a rename)."""
+    from .storage import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb", fsync=False) as f:
+            fig.savefig(f, dpi=130, bbox_inches="tight", format=fmt)
+    finally:
+        plt.close(fig)
     return str(path)
 
 

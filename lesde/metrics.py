@@ -34,7 +34,11 @@ Conventions (the same in every function):
   lowest class index.
 * **Non-finite features.** A batch item whose features contain NaN or inf gets NaN for every
   numeric result (``separable`` is False with a NaN ``margin``); other items are unaffected, so a
-  diverging run in a sweep does not stop the measurement of the others. Everything else that is
+  diverging run in a sweep does not stop the measurement of the others.
+* **Huge features.** Scale-invariant measures (nearest centre, argmax, LP separability, NC1-NC4)
+  are computed on each item divided by a power of two near its largest entry, which is exact,
+  so finite features of any size (1e200, 1e300) are scored correctly instead of overflowing
+  inside the computation. The cross-entropy is computed stably in the original units. Everything else that is
   wrong with the input (shapes, labels out of range, a class without samples where class means are
   needed) raises ``ValueError`` naming the argument and the expected shape.
 """
@@ -160,6 +164,19 @@ def _clean(X):
     if not ok.all():
         X = np.where(ok[..., None, None], X, 0.0)
     return X, ok
+
+
+def _unit_scale(X):
+    """Divide each batch item by a power of two near its largest |entry|: returns
+    ``(X 2^-e, e)`` with ``e`` of the batch shape (0 for all-zero items).
+
+    Scaling by a power of two is exact in floating point (no rounding, barring underflow of
+    entries 1e-300 times smaller than the largest), so every scale-invariant result (nearest
+    centre, argmax, separability, NC1-NC4) is unchanged, while features as large as 1e300 no
+    longer overflow inside (squared norms, inner products)."""
+    m = np.abs(X).max(axis=(-2, -1))
+    e = np.where(m > 0, np.frexp(m)[1], 0).astype(np.int64)
+    return np.ldexp(X, -e[..., None, None]), e
 
 
 def _finish(values, ok, batch_shape):
@@ -367,10 +384,12 @@ def linear_separability(X, y, num_classes=None, tol=1e-7):
     for i in range(flat.shape[0]):
         if not ok[i]:
             continue
-        s, m, W, b = _separability_lp(flat[i], y, k, tol)
-        sep[i], margin[i] = s, m
+        # exact power-of-two prescaling: the LP's data stay in range for features up to 1e300
+        Xi, ei = _unit_scale(flat[i])
+        s, m, W, b = _separability_lp(Xi, y, k, tol)
+        sep[i], margin[i] = s, np.ldexp(m, int(ei))
         if s:
-            Ws[i], bs[i] = W, b
+            Ws[i], bs[i] = np.ldexp(W, -int(ei)), b
     if batch_shape == ():
         if not sep[0]:
             return LinearSeparability(False, float(margin[0]), None, None)
@@ -404,6 +423,7 @@ def ncc_accuracy(X, y, num_classes=None):
     X, batch_shape = _features(X)
     y, k = _labels(y, X.shape[-2], num_classes)
     X, ok = _clean(X)
+    X, _ = _unit_scale(X)  # scale invariant; keeps |x|^2 finite for features up to 1e300
     means, counts = _class_means(X, y, k, require_all=False)
     scores = _ncc_scores(X, means, counts > 0)
     return _finish(_strictly_best(scores, y).mean(axis=-1), ok, batch_shape)
@@ -425,11 +445,14 @@ def argmax_accuracy(X, y, W=None, b=None, num_classes=None):
         float, or array of the batch shape; NaN for non-finite items.
     """
     X, batch_shape = _features(X)
-    Z, y, ok = _logits_of(X, y, W, b, num_classes, batch_shape)
+    Z, y, ok = _logits_of(X, y, W, b, num_classes, batch_shape, scale=True)
     return _finish(_strictly_best(Z, y).mean(axis=-1), ok, batch_shape)
 
 
-def _logits_of(X, y, W, b, num_classes, batch_shape):
+def _logits_of(X, y, W, b, num_classes, batch_shape, scale=False):
+    """Logits (..., N, K), labels and the finite mask. ``scale=True`` divides each item's
+    features and bias by the same power of two (exact; the argmax is unchanged), so that huge
+    but finite features give finite logits."""
     n, p = X.shape[-2:]
     if W is None:
         if b is not None:
@@ -442,6 +465,8 @@ def _logits_of(X, y, W, b, num_classes, batch_shape):
                 f"got p = {p}"
             )
         X, ok = _clean(X)
+        if scale:
+            X, _ = _unit_scale(X)
         return X, y, ok
     W_arr = _to_numpy(W, "W")
     k = (W_arr.shape[-2] if W_arr.ndim >= 2 else None) if num_classes is None else num_classes
@@ -450,6 +475,9 @@ def _logits_of(X, y, W, b, num_classes, batch_shape):
     y, k = _labels(y, n, k)
     W, b = _readout(W_arr, b, batch_shape, k, p)
     X, ok = _clean(X)
+    if scale:
+        X, e = _unit_scale(X)
+        b = np.ldexp(np.broadcast_to(b, batch_shape + (k,)), -e[..., None])
     Z = _logits(X, W, b)
     fin = np.isfinite(Z).all(axis=(-2, -1))
     return np.where(fin[..., None, None], Z, 0.0), y, ok & fin
@@ -614,9 +642,10 @@ def _nc_setup(X, y, num_classes):
     if k < 2:
         raise ValueError(f"neural-collapse metrics need K >= 2 classes; got num_classes = {k}")
     X, ok = _clean(X)
+    X, e = _unit_scale(X)  # NC1-NC3 are scale invariant (NC4's bias is scaled alike)
     means, counts = _class_means(X, y, k, require_all=True)
     M = np.swapaxes(means - means.mean(axis=-2, keepdims=True), -1, -2)  # (..., p, K)
-    return X, y, k, ok, batch_shape, means, counts, M
+    return X, y, k, ok, batch_shape, means, counts, M, e
 
 
 def nc1(X, y, num_classes=None):
@@ -644,7 +673,7 @@ def nc1(X, y, num_classes=None):
         float, or array of the batch shape; NaN when all class means coincide (no between-class
         variation: the ratio is undefined) and for non-finite items.
     """
-    X, y, k, ok, batch_shape, means, counts, M = _nc_setup(X, y, num_classes)
+    X, y, k, ok, batch_shape, means, counts, M, e = _nc_setup(X, y, num_classes)
     return _finish(_nc1_value(X, y, k, means, counts, M), ok, batch_shape)
 
 
@@ -705,7 +734,7 @@ def nc2(X, y, num_classes=None):
         :class:`NC2` of floats or arrays of the batch shape; NaN where a centred class mean is 0
         and for non-finite items.
     """
-    X, y, k, ok, batch_shape, means, counts, M = _nc_setup(X, y, num_classes)
+    X, y, k, ok, batch_shape, means, counts, M, e = _nc_setup(X, y, num_classes)
     terms = _nc2_terms(M, k)
     return NC2(*(_finish(t, ok, batch_shape) for t in terms))
 
@@ -742,7 +771,7 @@ def nc3(X, y, W, num_classes=None, center_W=False):
     Returns:
         float, or array of the batch shape; NaN when M or W is 0, and for non-finite items.
     """
-    X, y, k, ok, batch_shape, means, counts, M = _nc_setup(X, y, num_classes)
+    X, y, k, ok, batch_shape, means, counts, M, e = _nc_setup(X, y, num_classes)
     W, _ = _nc_readout(W, None, batch_shape, k, X.shape[-1], center_W)
     return _finish(_nc3_value(M, W), ok, batch_shape)
 
@@ -777,8 +806,9 @@ def nc4(X, y, W, b=None, num_classes=None):
     Returns:
         float in [0, 1], or array of the batch shape; NaN for non-finite items.
     """
-    X, y, k, ok, batch_shape, means, counts, M = _nc_setup(X, y, num_classes)
+    X, y, k, ok, batch_shape, means, counts, M, e = _nc_setup(X, y, num_classes)
     W, b = _nc_readout(W, b, batch_shape, k, X.shape[-1], False)
+    b = np.ldexp(np.broadcast_to(b, batch_shape + (k,)), -e[..., None])
     return _finish(_nc4_value(X, y, means, W, b, k), ok, batch_shape)
 
 
@@ -816,11 +846,12 @@ def neural_collapse(X, y, W=None, b=None, num_classes=None, center_W=False):
     """
     if W is None and b is not None:
         raise ValueError("b was given without W; pass the read-out W (K, p) too")
-    X, y, k, ok, batch_shape, means, counts, M = _nc_setup(X, y, num_classes)
+    X, y, k, ok, batch_shape, means, counts, M, e = _nc_setup(X, y, num_classes)
     values = [_nc1_value(X, y, k, means, counts, M), *_nc2_terms(M, k)]
     if W is not None:
         Wc, _ = _nc_readout(W, None, batch_shape, k, X.shape[-1], center_W)
         Wr, br = _nc_readout(W, b, batch_shape, k, X.shape[-1], False)
+        br = np.ldexp(np.broadcast_to(br, batch_shape + (k,)), -e[..., None])
         values += [_nc3_value(M, Wc), _nc4_value(X, y, means, Wr, br, k)]
     return NeuralCollapse(*(_finish(v, ok, batch_shape) for v in values))
 

@@ -548,13 +548,17 @@ class _Layout:
 
 
 def _validate_labels(labels, num_classes: Optional[int]) -> tuple:
-    y = torch.as_tensor(_as_numpy(labels))
+    arr = _as_numpy(labels)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise ValueError(f"labels must be integer class indices 0..K-1, got dtype {arr.dtype} "
+                         f"(e.g. {arr.ravel()[:3].tolist()}); map names to indices first")
+    y = torch.as_tensor(arr)
     if y.dim() != 1:
         raise ValueError(f"labels must have shape (N,), got {tuple(y.shape)}")
     if y.numel() == 0:
         raise ValueError("labels are empty: need at least one sample")
     if y.is_floating_point():
-        if not torch.all(y == torch.round(y)):
+        if not torch.all(torch.isfinite(y) & (y == torch.round(y))):
             raise ValueError("labels must be integers")
     y = y.long()
     K = int(num_classes) if num_classes is not None else int(y.max()) + 1

@@ -98,6 +98,27 @@ def _scaled(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (numpy integers and integral floats accepted), else ValueError."""
+    try:
+        ok = not isinstance(value, bool) and float(value) == int(value) and int(value) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _width(value) -> float:
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if isinstance(value, bool) or not (math.isfinite(w) and w > 0):
+        raise ValueError(f"width must be a positive number (a channel multiplier), got {value!r}")
+    return w
+
+
 def _norm(c: int, batchnorm: bool) -> nn.Module:
     return nn.BatchNorm2d(c) if batchnorm else nn.Identity()
 
@@ -178,7 +199,8 @@ class _CifarResNet(FeatureNet):
         shortcut: str,
     ):
         super().__init__()
-        self.num_classes = int(num_classes)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        in_channels = _positive_int("in_channels", in_channels)
         self.batchnorm = bool(batchnorm)
         self.stem = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=not batchnorm)
         self.stem_bn = _norm(widths[0], batchnorm)
@@ -251,6 +273,7 @@ class ResNet18(_CifarResNet):
         self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
         batchnorm: bool = True,
     ):
+        width = _width(width)
         widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
         super().__init__(widths, (2, 2, 2, 2), num_classes, in_channels, batchnorm, "conv")
         self.width = float(width)
@@ -280,6 +303,7 @@ class ResNet20(_CifarResNet):
         self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
         batchnorm: bool = True,
     ):
+        width = _width(width)
         widths = [_scaled(c, width) for c in (16, 32, 64)]
         super().__init__(widths, (3, 3, 3), num_classes, in_channels, batchnorm, "pad")
         self.width = float(width)
@@ -305,7 +329,8 @@ class LeNet(FeatureNet):
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3):
         super().__init__()
-        self.num_classes = int(num_classes)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        in_channels = _positive_int("in_channels", in_channels)
         self.feature_dim = 84
         self.conv1 = nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
@@ -374,9 +399,11 @@ class MLP(FeatureNet):
             raise ValueError(f"activation must be one of {known}; got {activation!r}")
         self.activation = key if key is not None else "linear"
         self._act = _ACTIVATIONS[key]
-        self.in_dim = int(in_dim)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.num_classes = int(num_classes)
+        self.in_dim = _positive_int("in_dim", in_dim)
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+            raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
+        self.hidden = tuple(_positive_int("hidden width", h) for h in hidden)
+        self.num_classes = _positive_int("num_classes", num_classes)
         dims = (self.in_dim,) + self.hidden
         self.layers = nn.ModuleList(
             nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:])

@@ -78,7 +78,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["PhaseSpec", "run_sweep", "load_sweep", "summarize_runs", "collapse_over_time",
-           "PHASE_FORMAT_VERSION"]
+           "chunk_bytes", "PHASE_FORMAT_VERSION"]
 
 PHASE_FORMAT_VERSION = 1
 
@@ -156,11 +156,15 @@ class PhaseSpec:
             if name in ("noise", "drift"):
                 vals = [str(v) for v in vals]
             elif name in ("K", "n"):
-                if any(int(v) != v or int(v) < 1 for v in vals):
+                if any(isinstance(v, (str, bool)) or not isinstance(v, (int, float, np.number))
+                       or not math.isfinite(v) or int(v) != v or int(v) < 1 for v in vals):
                     raise ValueError(f"grid parameter {name!r} must hold positive integers, got {vals}")
                 vals = [int(v) for v in vals]
             else:
-                vals = [float(v) for v in vals]
+                try:
+                    vals = [float(v) for v in vals]
+                except (TypeError, ValueError):
+                    raise ValueError(f"grid parameter {name!r} must hold numbers, got {vals}") from None
                 if not all(math.isfinite(v) for v in vals):
                     raise ValueError(f"grid parameter {name!r} must be finite, got {vals}")
             norm.append((str(name), tuple(vals)))
@@ -172,10 +176,24 @@ class PhaseSpec:
         if "r" in names and ("r_alpha" in names or "r_beta" in names):
             raise ValueError("give r (both decay exponents) or r_alpha/r_beta in the grid, not both")
         object.__setattr__(self, "grid", tuple(norm))
-        times = tuple(float(t) for t in np.atleast_1d(np.asarray(self.times, dtype=float)))
+        try:
+            times = tuple(float(t) for t in np.atleast_1d(np.asarray(self.times, dtype=float)))
+        except (TypeError, ValueError):
+            raise ValueError(f"times must be positive finite numbers, got {self.times!r}") from None
         if not times or any(not (math.isfinite(t) and t > 0) for t in times):
             raise ValueError(f"times must be positive finite numbers, got {self.times}")
         object.__setattr__(self, "times", tuple(sorted(set(times))))
+        for name in ("dt", "lr", "t0", "loss_threshold", "alpha", "beta", "r_alpha", "r_beta",
+                     "sigma", "init_std"):
+            try:
+                float(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}") from None
+        for name in ("K", "n", "saves", "replicates", "chunk_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bool)) or not isinstance(v, (int, float, np.number)) \
+                    or not math.isfinite(v):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("dt", "lr", "t0", "loss_threshold"):
             v = float(getattr(self, name))
             if not (math.isfinite(v) and v > 0):
@@ -197,11 +215,30 @@ class PhaseSpec:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         object.__setattr__(self, "seed", int(self.seed))
         if self.p is not None:
+            if isinstance(self.p, (str, bool)) or not isinstance(self.p, (int, float, np.number)) \
+                    or not math.isfinite(self.p) or int(self.p) != self.p or self.p < 1:
+                raise ValueError(f"p must be a positive integer or None, got {self.p!r}")
             object.__setattr__(self, "p", int(self.p))
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+        self._check_plan_memory()
         for pt in self._structural_values():
             self._check_structure(pt)
+
+    def _check_plan_memory(self):
+        """Refuse, before building it, a grid whose plan and per-run table cannot fit."""
+        from .resources import check_memory
+
+        points = 1
+        for _, vals in self.grid:
+            points *= len(vals)
+        runs = points * self.replicates
+        # a point row (dict of ~16 entries) ~ 2 KB; a planned run ~ 150 B; a per-run table row
+        # per time ~ 200 B
+        need = points * 2048 + runs * (150 + 200 * len(self.times))
+        check_memory(need, f"planning this sweep ({points} grid points x {self.replicates} "
+                     f"replicates = {runs} runs)",
+                     "sweep a coarser grid, fewer replicates, or split the grid into several sweeps")
 
     # ------------------------------------------------------------------------------------
     @property
@@ -284,7 +321,13 @@ class PhaseSpec:
 
     def digest(self) -> str:
         """A short hash of the configuration (names the sweep)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        return self.fingerprint()[:12]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the configuration (and the sweep format version); every chunk file of a
+        sweep carries it, so that chunks of another sweep are recognised and refused."""
+        text = f"lesde-phase-sweep/{PHASE_FORMAT_VERSION}/" + self.to_json()
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def save_times(self) -> np.ndarray:
         """The save grid: ``saves`` equally spaced times on [0, max(times)] plus the times."""
@@ -391,6 +434,13 @@ def _run_chunk(spec_dict: dict, index: int, threads: Optional[int] = None):
         loss = np.full(ncc.shape, np.nan)
         acc = np.full(ncc.shape, np.nan)
         order = ncc == 1.0
+    # A run whose scores are not finite although its state is (features beyond the range in
+    # which a measure can be computed) is counted as overflow, never scored "not separable".
+    # The nearest-centre accuracy is finite for every finite state (metrics rescales exactly),
+    # so this is a safety net.
+    finite &= np.isfinite(ncc)
+    if logits:
+        finite &= np.isfinite(loss) & np.isfinite(acc)
     out = []
     for T in spec.times:
         i = int(np.flatnonzero(np.isclose(ts, T))[0])
@@ -425,6 +475,7 @@ def _run_chunk(spec_dict: dict, index: int, threads: Optional[int] = None):
             "overflow": (~ok).astype(float),
         }))
     df = pd.concat(out, ignore_index=True)
+    df["spec_sha256"] = spec.fingerprint()
     return df.sort_values(["point", "replicate", "T"], kind="stable").reset_index(drop=True)
 
 
@@ -479,33 +530,195 @@ def _chunk_path(directory, index):
     return os.path.join(directory, "chunks", f"chunk_{index:06d}.parquet")
 
 
+_CHUNK_RE = None
+
+
+def _chunk_files(directory) -> Dict[int, str]:
+    """index -> path of every ``chunks/chunk_<i>.parquet`` in the directory."""
+    import re
+
+    global _CHUNK_RE
+    if _CHUNK_RE is None:
+        _CHUNK_RE = re.compile(r"^chunk_(\d+)\.parquet$")
+    folder = os.path.join(directory, "chunks")
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in os.listdir(folder):
+        m = _CHUNK_RE.match(name)
+        if m:
+            out[int(m.group(1))] = os.path.join(folder, name)
+    return out
+
+
 def _write_atomic_parquet(df, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    from .storage import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        df.to_parquet(f, index=False)
 
 
-def _prepare_directory(directory, spec: PhaseSpec):
-    os.makedirs(os.path.join(directory, "chunks"), exist_ok=True)
+def _read_parquet(path, what):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:
+        raise ValueError(f"{what} {path} is unreadable, truncated or corrupt ({type(exc).__name__}: "
+                         f"{exc}); delete it and rerun the same command to recompute it") from None
+
+
+def _check_rows(df, path, spec: PhaseSpec, what):
+    """The rows of a chunk (or of runs.parquet) carry this sweep's fingerprint."""
+    fp = spec.fingerprint()
+    if "spec_sha256" not in df.columns:
+        raise ValueError(f"{what} {path} carries no sweep fingerprint (written by an older lesde or "
+                         "another program), so it cannot be tied to this sweep; delete it and rerun "
+                         "the same command to recompute it")
+    found = sorted(set(df["spec_sha256"].astype(str)))
+    if found != [fp]:
+        other = ", ".join(f[:12] for f in found if f != fp) or "none"
+        raise ValueError(f"{what} {path} belongs to another sweep (spec fingerprint {other}, this "
+                         f"sweep {fp[:12]}); remove it, or run that sweep in its own directory")
+    missing = [c for c in ("chunk", "point", "replicate", "T", "overflow") + _FLAGS + _MEASURES
+               if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} {path} lacks the columns {missing}; delete it and rerun")
+
+
+def _read_chunk(directory, index, spec: PhaseSpec, plan):
+    path = _chunk_path(directory, index)
+    df = _read_parquet(path, "sweep chunk")
+    _check_rows(df, path, spec, "sweep chunk")
+    expect = len(plan[index]["runs"]) * len(spec.times)
+    if len(df) != expect or not (df["chunk"] == index).all():
+        raise ValueError(f"sweep chunk {path} does not hold chunk {index} of this sweep "
+                         f"({len(df)} rows, expected {expect}); delete it and rerun to recompute it")
+    return df
+
+
+def _read_config(directory):
+    """The parsed ``config.json`` of a sweep directory (None when absent); clear errors."""
     cfg_path = os.path.join(directory, "config.json")
-    want = {"format": "lesde-phase-sweep", "format_version": PHASE_FORMAT_VERSION, "spec": spec.to_dict()}
-    if os.path.exists(cfg_path):
+    if not os.path.exists(cfg_path):
+        return None
+    try:
         with open(cfg_path) as f:
-            have = json.load(f)
-        if have.get("format_version") != PHASE_FORMAT_VERSION:
-            raise ValueError(f"{directory} holds a sweep of format version {have.get('format_version')}; "
-                             f"this lesde writes version {PHASE_FORMAT_VERSION}")
-        old = have.get("spec", {})
-        new = json.loads(json.dumps(want["spec"]))
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"{directory} already holds a sweep with a different configuration "
-                             f"(differs in: {', '.join(diff)}); use another directory or the same spec")
-    else:
-        tmp = cfg_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(want, f, indent=1, sort_keys=True)
-        os.replace(tmp, cfg_path)
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sweep configuration {cfg_path} is truncated or not valid JSON ({exc}); "
+                         "restore it, or delete the directory to start the sweep again") from None
+    if cfg.get("format") != "lesde-phase-sweep":
+        raise ValueError(f"{cfg_path} is not a lesde phase-sweep configuration")
+    if cfg.get("format_version") != PHASE_FORMAT_VERSION:
+        raise ValueError(f"{directory} holds a sweep of format version {cfg.get('format_version')}; "
+                         f"this lesde reads and writes version {PHASE_FORMAT_VERSION}")
+    if not isinstance(cfg.get("spec"), dict):
+        raise ValueError(f"{cfg_path} has no 'spec' object")
+    return cfg
+
+
+def _check_directory(directory, spec: PhaseSpec, plan) -> bool:
+    """Read-only checks of an existing sweep directory against ``spec``. Returns whether a
+    configuration is already there. Refuses another spec's directory, chunks without a
+    config.json, and chunk files that are not chunks of this sweep's plan."""
+    cfg = _read_config(directory)
+    chunks = _chunk_files(directory)
+    if cfg is None:
+        if chunks or os.path.exists(os.path.join(directory, "runs.parquet")):
+            raise ValueError(
+                f"{directory} holds {len(chunks)} chunk file(s) of a sweep but no config.json, so "
+                "they cannot be tied to a spec; restore config.json, or delete "
+                f"{os.path.join(directory, 'chunks')} (and runs.parquet) to start over, or use "
+                "another directory")
+        return False
+    old = cfg["spec"]
+    new = json.loads(json.dumps(spec.to_dict()))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"{directory} already holds a sweep with a different configuration "
+                         f"(differs in: {', '.join(diff)}); use another directory or the same spec")
+    extra = sorted(i for i in chunks if i >= len(plan))
+    if extra:
+        raise ValueError(f"{chunks[extra[0]]} is not a chunk of this sweep (it has {len(plan)} "
+                         "chunks); remove it, or run its sweep in its own directory")
+    return True
+
+
+def _check_chunk_fingerprints(directory, spec: PhaseSpec) -> None:
+    """Every chunk file carries this sweep's fingerprint (reads one column of each)."""
+    import pandas as pd
+
+    fp = spec.fingerprint()
+    for i, path in sorted(_chunk_files(directory).items()):
+        try:
+            col = pd.read_parquet(path, columns=["spec_sha256"])["spec_sha256"]
+        except Exception:
+            col = None
+        if col is None or set(col.astype(str)) != {fp}:
+            _check_rows(_read_parquet(path, "sweep chunk"), path, spec, "sweep chunk")
+
+
+def _finished(directory, spec: PhaseSpec):
+    """The per-run rows of a finished sweep in ``directory`` (None if not finished)."""
+    runs_path = os.path.join(directory, "runs.parquet")
+    if not (os.path.exists(runs_path) and os.path.exists(os.path.join(directory, "table.csv"))):
+        return None
+    runs = _read_parquet(runs_path, "sweep results")
+    _check_rows(runs, runs_path, spec, "sweep results")
+    _check_chunk_fingerprints(directory, spec)
+    return runs
+
+
+def chunk_bytes(spec: PhaseSpec, chunk: dict) -> int:
+    """Peak memory (bytes, an estimate erring high) of simulating and scoring one chunk: the
+    simulation (:func:`lesde.solvers.simulation_bytes`, full states at every save time) and
+    the scoring of all save times at once (float64 copies and per-class scores)."""
+    from .solvers import simulation_bytes
+
+    s = chunk["structure"]
+    K, n = int(s["K"]), int(s["n"])
+    p = spec.p if spec.p is not None else K
+    B, N, S = len(chunk["runs"]), K * n, len(spec.save_times())
+    itemsize = 8 if spec.dtype == "float64" else 4
+    sim = simulation_bytes(B, N, p, K, S, "full", itemsize, s["noise"] in ("sgd", "both"))
+    return sim + 8 * S * B * N * (3 * p + 4 * K)
+
+
+def _check_chunk_memory(spec: PhaseSpec, plan, parallel: int = 1) -> None:
+    from .resources import check_memory
+
+    if not plan:
+        return
+    worst = max(plan, key=lambda c: chunk_bytes(spec, c))
+    need = chunk_bytes(spec, worst) * max(1, int(parallel))
+    s = worst["structure"]
+    what = (f"one sweep chunk ({len(worst['runs'])} runs of N = {int(s['K']) * int(s['n'])} "
+            f"samples, {len(spec.save_times())} save times)")
+    if parallel > 1:
+        what = f"{parallel} sweep chunks at once, each {what[4:]}"
+    check_memory(need, what, "use a smaller chunk_size (--chunk-size), fewer save times "
+                 "(--saves)" + (", or fewer workers" if parallel > 1 else ""))
+
+
+def _prepare_check(spec: PhaseSpec, directory, plan=None):
+    """Before any work: the table of a sweep already finished in ``directory`` (read, nothing
+    written), or None after checking that the directory belongs to ``spec`` (or is new) and can
+    be written."""
+    from .storage import check_output_path
+
+    directory = os.fspath(directory)
+    plan = spec.chunks() if plan is None else plan
+    if os.path.isdir(directory) and _check_directory(directory, spec, plan):
+        runs = _finished(directory, spec)
+        if runs is not None:
+            table = summarize_runs(runs.drop(columns="spec_sha256"), spec)
+            table.attrs.update({"complete": True, "spec": spec.to_dict()})
+            return table
+    check_output_path(directory, "sweep directory", directory=True)
+    return None
 
 
 def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
@@ -517,9 +730,14 @@ def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
     ----------
     spec : :class:`PhaseSpec`.
     directory : sweep directory. ``config.json`` (the spec), ``chunks/chunk_<i>.parquet`` (one
-        per finished chunk, written as it finishes, atomically) and, once all chunks are done,
-        ``runs.parquet`` (per-run rows) and ``table.csv``. Existing chunks are reused (resume);
-        a directory made with another configuration is a ValueError. None: nothing is written.
+        per finished chunk, written as it finishes, atomically, each carrying the spec's
+        :meth:`~PhaseSpec.fingerprint`) and, once all chunks are done, ``runs.parquet``
+        (per-run rows) and ``table.csv``. Existing chunks are reused (resume); a directory made
+        with another configuration, chunk files of another sweep, and chunks without a
+        ``config.json`` are refused (``ValueError``). A finished sweep returns its table at once
+        without writing anything. One process writes a directory at a time (a second gets
+        :class:`lesde.storage.DirectoryLockedError`); temporary files left by a killed run are
+        removed. None: nothing is written.
     client : a ``distributed.Client``; chunks are then submitted as tasks (one torch thread
         each unless ``threads`` says otherwise) and written by this process as they complete.
         None: in-process.
@@ -528,25 +746,55 @@ def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
     threads : torch threads for the chunks (in-process default: unchanged).
     progress : show a progress bar over chunks.
 
+    Before computing, the memory of the largest chunk is estimated (:func:`chunk_bytes`) and a
+    chunk that cannot fit is refused (:class:`lesde.resources.InsufficientMemoryError`).
+
     Returns
     -------
     pandas.DataFrame, see :func:`summarize_runs`; ``attrs`` carry ``complete`` and ``spec``
     (dict). The per-run rows are in ``directory/runs.parquet``.
     """
-    import pandas as pd
-
     if not isinstance(spec, PhaseSpec):
         raise ValueError("spec must be a lesde.phase.PhaseSpec")
-    if max_chunks is not None and (int(max_chunks) != max_chunks or max_chunks < 0):
+    if max_chunks is not None and (isinstance(max_chunks, bool) or int(max_chunks) != max_chunks
+                                   or max_chunks < 0):
         raise ValueError(f"max_chunks must be a non-negative integer, got {max_chunks}")
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads}")
     plan = spec.chunks()
+    if directory is None:
+        return _sweep(spec, None, plan, client, max_chunks, threads, progress)
+    from .storage import DirectoryLock, remove_stale_temporaries
+
+    directory = os.fspath(directory)
+    finished = _prepare_check(spec, directory, plan)
+    if finished is not None:  # finished: nothing to write
+        return finished
+    if client is None:
+        _check_chunk_memory(spec, plan)
+    os.makedirs(os.path.join(directory, "chunks"), exist_ok=True)
+    with DirectoryLock(directory, "sweep directory"):
+        # checked again under the lock: another writer may have changed the directory
+        has_config = _check_directory(directory, spec, plan)
+        remove_stale_temporaries(directory)
+        remove_stale_temporaries(os.path.join(directory, "chunks"))
+        if not has_config:
+            from .storage import atomic_write
+
+            want = {"format": "lesde-phase-sweep", "format_version": PHASE_FORMAT_VERSION,
+                    "spec": spec.to_dict()}
+            with atomic_write(os.path.join(directory, "config.json"), "w") as f:
+                json.dump(want, f, indent=1, sort_keys=True)
+        return _sweep(spec, directory, plan, client, max_chunks, threads, progress)
+
+
+def _sweep(spec, directory, plan, client, max_chunks, threads, progress):
+    import pandas as pd
+
     done: Dict[int, object] = {}
     if directory is not None:
-        _prepare_directory(directory, spec)
-        for i in range(len(plan)):
-            path = _chunk_path(directory, i)
-            if os.path.exists(path):
-                done[i] = pd.read_parquet(path)
+        for i in sorted(_chunk_files(directory)):
+            done[i] = _read_chunk(directory, i, spec, plan)
     todo = [i for i in range(len(plan)) if i not in done]
     if max_chunks is not None:
         todo = todo[: int(max_chunks)]
@@ -583,41 +831,45 @@ def run_sweep(spec: PhaseSpec, directory: Optional[str] = None, *, client=None,
         raise ValueError("no chunk finished (max_chunks=0 on a new sweep?)")
     runs = pd.concat([done[i] for i in sorted(done)], ignore_index=True)
     runs = runs.sort_values(["point", "replicate", "T"], kind="stable").reset_index(drop=True)
-    table = summarize_runs(runs, spec)
+    table = summarize_runs(runs.drop(columns="spec_sha256"), spec)
     if directory is not None and complete:
+        from .storage import atomic_write
+
         _write_atomic_parquet(runs, os.path.join(directory, "runs.parquet"))
-        tmp = os.path.join(directory, "table.csv.tmp")
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, os.path.join(directory, "table.csv"))
+        with atomic_write(os.path.join(directory, "table.csv"), "w", newline="") as f:
+            table.to_csv(f, index=False)
     table.attrs.update({"complete": complete, "spec": spec_dict})
     return table
 
 
 def load_sweep(directory: str):
-    """Read a finished sweep directory: returns ``(spec, table)`` with the table recomputed from
-    ``runs.parquet`` (or from the chunks of an unfinished sweep, ``attrs["complete"]`` False)."""
+    """Read a sweep directory: returns ``(spec, table)`` with the table recomputed from
+    ``runs.parquet`` (or from the chunks of an unfinished sweep, ``attrs["complete"]`` False).
+    Files that do not belong to the sweep's spec are refused (``ValueError`` naming them)."""
     import pandas as pd
 
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.exists(cfg_path):
+    directory = os.fspath(directory)
+    cfg = _read_config(directory)
+    if cfg is None:
         raise FileNotFoundError(f"no sweep at {directory} (config.json missing)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("format_version") != PHASE_FORMAT_VERSION:
-        raise ValueError(f"{directory}: sweep format version {cfg.get('format_version')}, "
-                         f"this lesde reads {PHASE_FORMAT_VERSION}")
-    spec = PhaseSpec.from_dict(cfg["spec"])
+    try:
+        spec = PhaseSpec.from_dict(cfg["spec"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{os.path.join(directory, 'config.json')}: not a valid sweep "
+                         f"specification ({exc})") from None
+    plan = spec.chunks()
+    _check_directory(directory, spec, plan)
     runs_path = os.path.join(directory, "runs.parquet")
-    n_chunks = len(spec.chunks())
     if os.path.exists(runs_path):
-        runs, complete = pd.read_parquet(runs_path), True
+        runs, complete = _read_parquet(runs_path, "sweep results"), True
+        _check_rows(runs, runs_path, spec, "sweep results")
+        _check_chunk_fingerprints(directory, spec)
     else:
-        parts = [pd.read_parquet(_chunk_path(directory, i)) for i in range(n_chunks)
-                 if os.path.exists(_chunk_path(directory, i))]
+        parts = [_read_chunk(directory, i, spec, plan) for i in sorted(_chunk_files(directory))]
         if not parts:
             raise ValueError(f"{directory}: no finished chunk yet")
-        runs, complete = pd.concat(parts, ignore_index=True), len(parts) == n_chunks
-    table = summarize_runs(runs, spec)
+        runs, complete = pd.concat(parts, ignore_index=True), len(parts) == len(plan)
+    table = summarize_runs(runs.drop(columns="spec_sha256"), spec)
     table.attrs.update({"complete": complete, "spec": spec.to_dict()})
     return spec, table
 

@@ -19,12 +19,18 @@ r"""Solvers for the locally elastic SDE and the discrete process it approximates
 Results come back as a :class:`Solution` (numpy arrays), saveable to ``.npz`` with a format
 version. Overflow of exponentially growing (linear) models is detected per run: the run is
 stopped (NaN from then on), its time recorded in ``Solution.overflow_time``, and a
-:class:`LESDEOverflowWarning` raised.
+:class:`LESDEOverflowWarning` raised. A run counts as overflowed as soon as anything recorded
+about it would not be finite -- its drift, its class means, or its within-class second moments
+(so ``within_cov`` and ``overflow_time`` always agree).
+
+Before allocating, :func:`simulate` estimates the memory it needs (:func:`simulation_bytes`) and
+refuses with :class:`lesde.resources.InsufficientMemoryError` what cannot fit.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time as _time
 import warnings
 from dataclasses import dataclass, field as dc_field
@@ -34,9 +40,10 @@ import numpy as np
 import torch
 
 from .model import LESDE, _Layout
+from .resources import check_device
 
 __all__ = ["simulate", "simulate_feature_sgd", "Solution", "LESDEOverflowWarning",
-           "initial_state", "FORMAT_VERSION"]
+           "initial_state", "simulation_bytes", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -59,7 +66,10 @@ class Solution:
     class_means : (T, B, K, p) per-class means of the features.
     within_cov : (T, B, K, p, p) within-class covariances ``(1/n_k) sum (X_j - mu_k)(X_j - mu_k)^T``.
     states : (T, B, N, p) full states (``record="full"``) or None (``record="summary"``).
-    overflow_time : (B,) time at which a run's state became non-finite (NaN: never).
+    overflow_time : (B,) time at which a run overflowed (NaN: never): the step at which its
+        drift first became non-finite, or the first save time at which its class means or
+        within-class second moments are not finite in float64 (features beyond about
+        1e154), whichever comes first. From then on its records are NaN.
     params : the configuration (JSON-serialisable dict).
     """
 
@@ -96,37 +106,108 @@ class Solution:
         """(B,) boolean: runs that were stopped by overflow."""
         return np.isfinite(self.overflow_time)
 
-    def save(self, path) -> None:
-        """Write an ``.npz`` file (with this module's FORMAT_VERSION)."""
+    def save(self, path) -> str:
+        """Write an ``.npz`` file (with this module's FORMAT_VERSION); returns the path written.
+
+        As with ``numpy.savez``, ``.npz`` is appended to a name without that suffix. The file is
+        written atomically (a temporary file beside it, then a rename): an interrupted save
+        leaves any previous file at ``path`` intact.
+        """
+        from .storage import atomic_write
+
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
         arrays = dict(ts=self.ts, labels=self.labels, class_means=self.class_means,
                       within_cov=self.within_cov, overflow_time=self.overflow_time,
                       format_version=np.array(FORMAT_VERSION),
                       params_json=np.array(json.dumps(self.params, default=_json_default)))
         if self.states is not None:
             arrays["states"] = self.states
-        np.savez_compressed(path, **arrays)
+        with atomic_write(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
 
     @classmethod
     def load(cls, path) -> "Solution":
-        """Read a file written by :meth:`save`; a different format version is an error."""
+        """Read a file written by :meth:`save`.
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and
+        the problem for anything else: not an ``.npz`` archive, a corrupt or truncated member,
+        a missing array, an object array (never unpickled), a broken ``params_json``, another
+        format version, or arrays whose shapes do not fit together.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no solution file at {path}")
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a lesde solution file")
         try:
             data = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no solution file at {path}")
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable lesde solution file ({exc})") from exc
+            raise ValueError(f"{path} is not a readable lesde solution file ({exc})") from None
+        if not hasattr(data, "files"):
+            raise ValueError(f"{path} is not a lesde solution file (a single array, not an .npz "
+                             "archive)")
+
+        def read(name, required=True):
+            if name not in data.files:
+                if required:
+                    raise ValueError(f"{path} is not a complete lesde solution file (no array "
+                                     f"{name!r})")
+                return None
+            try:
+                return data[name]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                    raise ValueError(f"{path}: array {name!r} holds Python objects, which lesde "
+                                     "does not unpickle") from None
+                raise ValueError(f"{path}: array {name!r} is unreadable ({exc})") from None
+            except Exception as exc:  # zlib.error, BadZipFile, EOFError, OSError ...
+                raise ValueError(f"{path}: array {name!r} is corrupt or truncated "
+                                 f"({type(exc).__name__}: {exc})") from None
+
         with data:
             if "format_version" not in data.files:
                 raise ValueError(f"{path} is not a lesde solution file (no format_version)")
-            version = int(data["format_version"])
+            raw_version = read("format_version")
+            try:
+                version = int(raw_version)
+                if raw_version.shape != () or version != raw_version:
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: format_version must be an integer, got "
+                                 f"{raw_version!r}") from None
             if version != FORMAT_VERSION:
                 raise ValueError(f"{path} has solution format version {version}; this lesde reads "
                                  f"version {FORMAT_VERSION}")
-            return cls(ts=data["ts"], labels=data["labels"], class_means=data["class_means"],
-                       within_cov=data["within_cov"],
-                       states=data["states"] if "states" in data.files else None,
-                       overflow_time=data["overflow_time"],
-                       params=json.loads(str(data["params_json"])))
+            arrays = {name: read(name) for name in ("ts", "labels", "class_means", "within_cov",
+                                                    "overflow_time", "params_json")}
+            arrays["states"] = read("states", required=False)
+        try:
+            params = json.loads(str(arrays.pop("params_json")))
+            if not isinstance(params, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise ValueError(f"{path}: params_json is not valid JSON ({exc})") from None
+        for name, value in arrays.items():
+            if value is not None and not (np.issubdtype(value.dtype, np.number)
+                                          or value.dtype == bool):
+                raise ValueError(f"{path}: array {name!r} has dtype {value.dtype}, expected numbers")
+        ts, cm = arrays["ts"], arrays["class_means"]
+        if ts.ndim != 1 or cm.ndim != 4 or cm.shape[0] != ts.shape[0]:
+            raise ValueError(f"{path}: ts {ts.shape} and class_means {cm.shape} do not fit "
+                             "(expected (T,) and (T, B, K, p))")
+        T, B, K, p = cm.shape
+        N = arrays["labels"].shape[0] if arrays["labels"].ndim == 1 else -1
+        expect = {"labels": (N,), "within_cov": (T, B, K, p, p), "overflow_time": (B,)}
+        if arrays["states"] is not None:
+            expect["states"] = (T, B, N, p)
+        for name, shape in expect.items():
+            if N < 0 or arrays[name].shape != shape:
+                raise ValueError(f"{path}: array {name!r} has shape {arrays[name].shape}, expected "
+                                 f"{shape} from class_means {cm.shape} and labels")
+        return cls(params=params, **arrays)
 
 
 def _json_default(obj):
@@ -189,7 +270,51 @@ def _interval_grid(a: float, b: float, dt: float) -> list:
     return pts
 
 
+def simulation_bytes(B: int, N: int, p: int, K: int, T: int, record: str = "full",
+                     itemsize: int = 8, sgd: bool = False) -> int:
+    """Peak memory (bytes, an estimate erring high) of :func:`simulate` for B runs of N samples
+    of dimension p in K classes, recorded at T times: the float64 records (class means and
+    within-class covariances, states when ``record="full"``), the working state and its
+    temporaries, and the class layout."""
+    B, N, p, K, T = (int(v) for v in (B, N, p, K, T))
+    records = 8 * T * B * (K * p + K * p * p + (N * p if record == "full" else 0))
+    working = B * N * p * ((8 if sgd else 6) * itemsize + 3 * 8)
+    layout = N * (48 + 9 * K + K * itemsize)
+    return records + working + layout
+
+
+def _check_simulation_memory(B, N, p, K, T, record, dtype, sgd, device) -> None:
+    from .resources import check_memory
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = simulation_bytes(B, N, p, K, T, record, itemsize, sgd)
+    advice = (f"B = {B} runs, N = {N} samples, p = {p}, {T} save times; use fewer save times, "
+              "fewer runs or samples")
+    if record == "full":
+        advice += ", or record='summary' (no full states)"
+    check_memory(need, "this simulation", advice, device=device)
+
+
+def _runs_of(sde: LESDE, x0, num_runs) -> int:
+    """B for the memory estimate, before x0 is converted (shape checks come later)."""
+    shape = tuple(getattr(x0, "shape", np.shape(x0)))
+    if len(shape) == 3:
+        return int(shape[0])
+    return int(num_runs or sde.param_batch or 1)
+
+
+def _dtype_of(x0, dtype):
+    if dtype is not None:
+        return dtype
+    if isinstance(x0, torch.Tensor) and x0.is_floating_point():
+        return x0.dtype
+    return torch.float32 if getattr(x0, "dtype", None) == np.float32 else torch.float64
+
+
 def _prepare_x0(sde: LESDE, x0, num_runs, dtype, device) -> torch.Tensor:
+    if num_runs is not None and (isinstance(num_runs, bool) or int(num_runs) != num_runs
+                                 or num_runs < 1):
+        raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
     x = torch.as_tensor(_to_numpy(x0) if not isinstance(x0, torch.Tensor) else x0)
     if dtype is None:
         dtype = x.dtype if x.is_floating_point() else torch.float64
@@ -203,6 +328,8 @@ def _prepare_x0(sde: LESDE, x0, num_runs, dtype, device) -> torch.Tensor:
         raise ValueError(f"x0 must have shape (N, p) or (B, N, p), got {tuple(x.shape)}")
     elif num_runs is not None and x.shape[0] != num_runs:
         raise ValueError(f"x0 has {x.shape[0]} runs but num_runs={num_runs}")
+    if x.shape[0] < 1:
+        raise ValueError("x0 has no runs (B = 0)")
     sde._check_state(x)
     if not torch.isfinite(x).all():
         raise ValueError("x0 contains non-finite values")
@@ -226,6 +353,7 @@ class _Recorder:
         means = lay.class_sums(x_fm) / self.counts                      # (B, p, K)
         cent = x_fm.clone()
         lay.add_per_class(cent, -means)
+        cent = cent.double()  # second moments in float64, also for float32 states
         if lay.balanced:
             c = cent.view(*cent.shape[:2], lay.K, lay.n)
             cov = torch.einsum("bpkn,bqkn->bkpq", c, c) / lay.n
@@ -233,10 +361,14 @@ class _Recorder:
             cov = torch.stack([torch.matmul(cent[..., a:b], cent[..., a:b].transpose(1, 2)) / (b - a)
                                for a, b in zip(lay.bounds[:-1], lay.bounds[1:])], 1)
         m = means.transpose(1, 2).cpu().numpy()
-        bad = ~np.isfinite(m).reshape(m.shape[0], -1).all(1)
+        c = cov.cpu().numpy()
+        # a state whose class means or within-class second moments are not finite (in float64)
+        # has overflowed, even when every feature is still finite
+        bad = ~(np.isfinite(m).reshape(m.shape[0], -1).all(1)
+                & np.isfinite(c).reshape(c.shape[0], -1).all(1))
         keep = ~(bad | stopped)
         self.means[i, keep] = m[keep]
-        self.cov[i, keep] = cov.cpu().numpy()[keep]
+        self.cov[i, keep] = c[keep]
         if self.full:
             self.states[i, keep] = lay.from_fm(x_fm).cpu().numpy()[keep]
         return bad
@@ -304,7 +436,9 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
     ts = _check_ts(ts, dt)
     if device is None:
         device = x0.device if isinstance(x0, torch.Tensor) else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
+    _check_simulation_memory(_runs_of(sde, x0, num_runs), sde.N, sde.p, sde.K, ts.shape[0],
+                             record, _dtype_of(x0, dtype), sde.noise.sgd, device)
     x = _prepare_x0(sde, x0, num_runs, dtype, device)
     t_start = _time.perf_counter()
     if backend == "native":
@@ -463,7 +597,9 @@ def simulate_feature_sgd(sde: LESDE, x0, ts, *, lr: Optional[float] = None, batc
         raise ValueError(f"batch_size must be an integer in 1..N={sde.N}, got {batch_size}")
     if device is None:
         device = x0.device if isinstance(x0, torch.Tensor) else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
+    _check_simulation_memory(_runs_of(sde, x0, num_runs), sde.N, sde.p, sde.K, ts.shape[0],
+                             record, _dtype_of(x0, dtype), False, device)
     x = _prepare_x0(sde, x0, num_runs, dtype, device)
     gen, used_seed = _generator(seed, generator, device)
     dtype = x.dtype
