@@ -473,7 +473,7 @@ def _add_figures(sub):
                    help=f"output folder (default: {_FIG_DIR}/all)")
     q.add_argument("--sweeps", default=None, metavar="DIR",
                    help="folder of the phase sweeps (default: DIR/sweeps, or ./sweeps when DIR is "
-                   "the repository's figures/ folder)")
+                   "the repository's figures/ folder; sweeps-small with --small)")
     q.add_argument("--small", action="store_true", help="tiny sizes (a smoke test of every step)")
     q.add_argument("--only", default=None, metavar="NAMES",
                    help="comma list of figure names to make (default: all of " +
@@ -662,8 +662,9 @@ def _run_fig_all(args):
             raise ValueError(f"--only: unknown figure(s) {unknown}; choose from {', '.join(names)}")
         names = [n for n in names if n in want]
     _check_out(out_dir, "--out", directory=True)
-    sweeps_dir = args.sweeps or (os.path.join("sweeps") if _committed_folder(os.path.join(out_dir, "x"))
-                                 else os.path.join(out_dir, "sweeps"))
+    folder = "sweeps-small" if args.small else "sweeps"  # a small sweep is another sweep
+    sweeps_dir = args.sweeps or (folder if _committed_folder(os.path.join(out_dir, "x"))
+                                 else os.path.join(out_dir, folder))
     _check_out(sweeps_dir, "--sweeps", directory=True)
     from .plotting import figure_paths
 

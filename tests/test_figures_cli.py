@@ -32,7 +32,7 @@ def test_figures_all_small_recreates_every_committed_theory_figure(tmp_path, cap
         assert f"wrote {out / name}.png" in text
     assert "figures all: finished" in text
     # the sweeps are kept (resumable) beside the figures, not in them
-    assert (out / "sweeps" / "phase_ce_K3" / "table.csv").exists()
+    assert (out / "sweeps-small" / "phase_ce_K3" / "table.csv").exists()
     spec = json.loads((out / "phase_ce_K3.spec.json").read_text())["spec"]
     np.testing.assert_allclose(dict(spec["grid"])["alpha"], [0.2, 0.6, 1.0])
     assert spec["replicates"] == 2
