@@ -1,6 +1,9 @@
-"""Figures. Every function reads results (Solutions, tables, arrays) and writes one PNG.
+"""Figures. Every function reads results (Solutions, tables, arrays) and writes one figure.
 
-Nothing here simulates or trains; the command line runs the jobs and calls these.
+Nothing here simulates or trains; the command line runs the jobs and calls these. The theory
+figures (demo, SGD vs SDE, phase, neural collapse, clouds) are drawn in the package's style
+(:mod:`lesde.plotting`) and take ``formats`` (e.g. ``("pdf", "svg")``) for further files written
+beside ``path``.
 """
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .plotting import (FULL_WIDTH, band, color, halo, legend_outside, mathify, new_figure,
-                       save_figure, shared_colorbar, styled)
+from .plotting import (FULL_WIDTH, band, color, legend_outside, mathify, new_figure, save_figure,
+                       shared_colorbar, styled)
 
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
            "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
