@@ -1,6 +1,7 @@
 """The plotting style: files in every format, written atomically and reproducibly, math text, and
 no change to the caller's matplotlib settings."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,13 +24,13 @@ def test_save_figure_writes_every_format_reproducibly(tmp_path):
     with plotting.style():
         paths = plotting.save_figure(_figure(), tmp_path / "f.png")
     assert paths == [str(tmp_path / f"f.{e}") for e in ("png", "pdf", "svg")]
-    first = {p: open(p, "rb").read() for p in paths}
+    first = {p: Path(p).read_bytes() for p in paths}
     assert first[paths[0]][:8] == b"\x89PNG\r\n\x1a\n" and first[paths[1]][:5] == b"%PDF-"
     assert b"<svg" in first[paths[2]][:500]
     with plotting.style():
         plotting.save_figure(_figure(), tmp_path / "f.png")
     for p in paths:  # no dates: the same figure gives the same bytes
-        assert open(p, "rb").read() == first[p], p
+        assert Path(p).read_bytes() == first[p], p
     assert sorted(os.listdir(tmp_path)) == ["f.pdf", "f.png", "f.svg"]  # no temporary files
     assert plotting.save_figure(_figure(), tmp_path / "g.pdf", formats=None) == [str(tmp_path / "g.pdf")]
     assert plotting.figure_paths("a/b", ["svg"]) == ["a/b.svg"]
