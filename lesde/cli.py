@@ -1008,7 +1008,8 @@ def _run_fig_nc(args):
     with atomic_write(csv, "w", newline="") as f:
         summary.to_csv(f, index=False, float_format="%.6g")
     title = (f"Neural collapse in the cross-entropy LE-SDE: $K = {K}$, $n = {args.n}$ per class, "
-             f"{_noise_words(args)}; medians over {R} runs")
+             f"{_noise_words(args)}\nmedians over {R} runs; $W$: the identity read-out of the "
+             "logits (centred), $M$: the centred class means")
     for case, g in summary.groupby("case", sort=False):
         last = g.iloc[-1]
         print(f"{case}: at t = {last['t']:g} NC1 {last['nc1']:.3g}, ETF angle {last['etf_angle']:.3g}, "
