@@ -467,8 +467,8 @@ def _add_figures(sub):
                       "--out, with the commands listed in figures/README.md: the demo, SGD vs SDE, "
                       "the four phase sweeps and their figures, neural collapse and the feature "
                       "clouds. Sweeps are resumable: rerunning the command continues them. At full "
-                      "size this takes about 40 minutes on a busy 2-core machine; --small runs every step at a tiny "
-                      "size (seconds; for tests).")
+                      "size this takes about 40 minutes on a busy 2-core machine; --small runs "
+                      "every step at a tiny size (a smoke test).")
     q.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder (default: {_FIG_DIR}/all)")
     q.add_argument("--sweeps", default=None, metavar="DIR",
