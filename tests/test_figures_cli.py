@@ -103,7 +103,9 @@ def test_phase_figure_redraws_a_committed_table(tmp_path, capsys):
     copy = tmp_path / "t.csv"
     shutil.copy(csv, copy)
     guessed = _table_spec(table, str(copy))
-    assert guessed["grid"] == spec["grid"] and guessed["alpha"] == 1.5 and guessed["replicates"] == 16
+    assert [name for name, _ in guessed["grid"]] == [name for name, _ in spec["grid"]] == ["r_alpha"]
+    np.testing.assert_allclose(guessed["grid"][0][1], spec["grid"][0][1], rtol=1e-6)  # CSV: 6 digits
+    assert guessed["alpha"] == 1.5 and guessed["replicates"] == 16 and guessed["sigma"] == 0.1
     (tmp_path / "t.spec.json").write_text("{}")
     assert main(["figures", "phase", str(copy), "--out", str(out), "--formats", "png"]) == 2
     assert "not a sweep specification" in capsys.readouterr().err
