@@ -40,7 +40,8 @@ def test_figures_all_small_recreates_every_committed_theory_figure(tmp_path, cap
 
 def test_figure_command_writes_to_lesde_figures_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["figures", "clouds", "--times", "0,3", "--n", "4", "--threads", "1"]) == 0
+    assert main(["figures", "clouds", "--cases", "1,0.2", "--times", "0,3", "--n", "4",
+                 "--threads", "1"]) == 0
     text = capsys.readouterr().out
     for ext in ("png", "pdf", "svg"):
         path = os.path.join("lesde_figures", f"clouds_ce_K3.{ext}")
@@ -61,7 +62,8 @@ def _fake_repository(tmp_path):
 
 def test_committed_figures_are_not_replaced_without_overwrite(tmp_path, capsys):
     png = _fake_repository(tmp_path)
-    args = ["figures", "clouds", "--times", "0,2", "--n", "4", "--formats", "png", "--out", str(png)]
+    args = ["figures", "clouds", "--cases", "1,0.2", "--times", "0,2", "--n", "4", "--formats", "png",
+            "--out", str(png)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "committed" in err and "--overwrite" in err and "Traceback" not in err
