@@ -4,66 +4,78 @@ Simulate the locally elastic SDE of Zhang, Wang & Su (NeurIPS 2021, arXiv 2110.0
 with exact linear theory, train real networks while logging per-sample feature trajectories, fit
 the SDE to them, and measure local elasticity (He & Su, ICLR 2020) on the networks themselves.
 
-The public names are re-exported here; everything else is private to its module.
+The public names are re-exported here; everything else is private to its module. They are loaded
+on first use (PEP 562): ``import lesde`` imports no submodule, ``lesde.simulate`` imports the model
+and the solvers (and torch) and nothing else, and the data, networks, tracking, fitting,
+elasticity, sweeps and figures (with pandas, zarr, scikit-learn, Dask and matplotlib) are imported
+only when one of their names is used.
 """
-from .model import (
-    LESDE,
-    Constant,
-    CallableField,
-    CrossEntropy,
-    CrossEntropyReadout,
-    DriftField,
-    FunctionSchedule,
-    Identity,
-    Impacts,
-    LabelProjection,
-    PowerLaw,
-    Schedule,
-    make_field,
-)
-from .solvers import LESDEOverflowWarning, Solution, initial_state, simulate, simulate_feature_sgd
-from . import metrics, theory
-from .data import (
-    CIFAR10_CLASSES,
-    GEOMNIST_CLASSES,
-    DataFormatError,
-    GeoMNIST,
-    UnsafePickleError,
-    apply_label_noise,
-    load_cifar10,
-    make_geomnist,
-)
-from .tracking import TrainConfig, TrajectoryStore, load_store, train_and_track
-from .fit import (
-    GoodnessOfFit,
-    IEstimator,
-    LEstimator,
-    RegressionEstimator,
-    Trajectory,
-    as_trajectory,
-    goodness_of_fit,
-    smooth_derivative,
-    tail_index,
-)
-from .phase import PhaseSpec, load_sweep, run_sweep
-from .nets import NETS, MLP, FeatureNet, LeNet, ResNet18, ResNet20, build_net
-from .elasticity import (
-    ImpactMeasurement,
-    class_elasticity,
-    cluster_pair,
-    clustering_accuracy,
-    empirical_ntk,
-    kernel_kmeans,
-    kernelized_similarity,
-    kl_relative_similarity,
-    measure_impacts,
-    relative_similarity,
-    similarity_matrix,
-    torus_locality,
-    track_elasticity,
-)
+import importlib as _importlib
 
 __version__ = "0.1.0"
+
+# submodule -> the public names it exports here
+_EXPORTS = {
+    "model": (
+        "LESDE",
+        "Constant",
+        "CallableField",
+        "CrossEntropy",
+        "CrossEntropyReadout",
+        "DriftField",
+        "FunctionSchedule",
+        "Identity",
+        "Impacts",
+        "LabelProjection",
+        "PowerLaw",
+        "Schedule",
+        "make_field",
+    ),
+    "solvers": ("LESDEOverflowWarning", "Solution", "initial_state", "simulate", "simulate_feature_sgd"),
+    "data": (
+        "CIFAR10_CLASSES",
+        "GEOMNIST_CLASSES",
+        "DataFormatError",
+        "GeoMNIST",
+        "UnsafePickleError",
+        "apply_label_noise",
+        "load_cifar10",
+        "make_geomnist",
+    ),
+    "tracking": ("TrainConfig", "TrajectoryStore", "load_store", "train_and_track"),
+    "fit": (
+        "GoodnessOfFit",
+        "IEstimator",
+        "LEstimator",
+        "RegressionEstimator",
+        "Trajectory",
+        "as_trajectory",
+        "goodness_of_fit",
+        "smooth_derivative",
+        "tail_index",
+    ),
+    "phase": ("PhaseSpec", "load_sweep", "run_sweep"),
+    "nets": ("NETS", "MLP", "FeatureNet", "LeNet", "ResNet18", "ResNet20", "build_net"),
+    "elasticity": (
+        "ImpactMeasurement",
+        "class_elasticity",
+        "cluster_pair",
+        "clustering_accuracy",
+        "empirical_ntk",
+        "kernel_kmeans",
+        "kernelized_similarity",
+        "kl_relative_similarity",
+        "measure_impacts",
+        "relative_similarity",
+        "similarity_matrix",
+        "torus_locality",
+        "track_elasticity",
+    ),
+}
+
+# submodules reachable as attributes (``lesde.metrics``, ``lesde.figures``, ...)
+_SUBMODULES = ("model", "solvers", "theory", "metrics", "data", "nets", "tracking", "fit",
+               "elasticity", "phase", "figures", "plotting", "storage", "resources", "cli")
 
 __all__ = [
     "LESDE", "Impacts", "Schedule", "Constant", "PowerLaw", "FunctionSchedule",
@@ -79,3 +91,22 @@ __all__ = [
     "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",
     "clustering_accuracy", "cluster_pair", "torus_locality", "class_elasticity", "track_elasticity",
 ]
+
+_ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name):
+    """Load a public name (or a submodule) on first use and keep it (PEP 562)."""
+    module = _ORIGIN.get(name)
+    if module is not None:
+        value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

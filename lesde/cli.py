@@ -7,6 +7,7 @@ stays fast. Nothing in the package imports this module.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -62,6 +63,115 @@ def _check_out(path, option: str, directory: bool = False) -> None:
     from .storage import check_output_path
 
     check_output_path(path, option, directory=directory)
+
+
+# --------------------------------------------------------------------------------------------
+# the parser core: defaults in the help, negative numbers as values, options where users type
+# them (every subcommand's parser is a _Parser)
+# --------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless its help already mentions one); an option without
+    help text still shows its default."""
+
+    @staticmethod
+    def _default_text(action):
+        """The default to show, or None."""
+        d = getattr(action, "_lesde_default", action.default)
+        if (not action.option_strings or action.nargs == 0 or d is None or d is False
+                or d is argparse.SUPPRESS or (isinstance(d, (list, tuple)) and not d)):
+            return None
+        if isinstance(d, (list, tuple)):
+            d = " ".join(str(v) for v in d)
+        return str(d).replace("%", "%%")
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = self._default_text(action)
+        if shown is not None and "default" not in text.lower():
+            text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        return text
+
+    def _format_action(self, action):
+        shown = self._default_text(action)
+        if not action.help and shown is not None:
+            import copy
+
+            action = copy.copy(action)
+            action.help = f"default: {shown}"
+        return super()._format_action(action)
+
+
+# a value that starts with '-' but is a number, a comma list or a START:STOP:COUNT range
+_NEGATIVE_VALUE = re.compile(r"^-(?:\d|\.\d|inf\b|nan\b)[\w.+\-:,]*$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with three conveniences, for every subcommand alike:
+
+    * option help shows the default (:class:`_HelpFormatter`);
+    * a value that looks like a negative number, list or range (``--gap -0.3:0.3:3``,
+      ``--alpha -1,0.5``) is taken as the option's value, not as an unknown option;
+    * options of a command are also accepted after its sub-job (``lesde elasticity torus
+      --out DIR``): :func:`_propagate_options` copies them into the sub-job parsers.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _join_negative_values(self, args):
+        out, i = [], 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                out.extend(args[i:])
+                break
+            action = self._option_string_actions.get(a)
+            if (action is not None and action.nargs in (None, "?") and i + 1 < len(args)
+                    and isinstance(args[i + 1], str) and _NEGATIVE_VALUE.match(args[i + 1])):
+                out.append(f"{a}={args[i + 1]}")
+                i += 2
+                continue
+            out.append(a)
+            i += 1
+        return out
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is None:
+            args = sys.argv[1:]
+        return super().parse_known_args(self._join_negative_values(list(args)), namespace)
+
+
+def _subparsers_of(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def _propagate_options(parser) -> None:
+    """Copy the options of every command that has sub-jobs into each sub-job's parser (with
+    no default of their own, so the command's value stands unless given after the job name),
+    recursively, so they are accepted on either side of the job name."""
+    sub = _subparsers_of(parser)
+    if sub is None:
+        return
+    import copy
+
+    own = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for child in dict.fromkeys(sub.choices.values()):
+        group = None
+        for action in own:
+            if any(s in child._option_string_actions for s in action.option_strings):
+                continue  # the sub-job has its own option of that name
+            if group is None:
+                group = child.add_argument_group(f"options of `{parser.prog}` (also accepted here)")
+            shared = copy.copy(action)
+            shared._lesde_default = action.default  # shown in the help
+            shared.default = argparse.SUPPRESS
+            shared.required = False
+            group._add_action(shared)
+        _propagate_options(child)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,16 +321,101 @@ def _run_simulate(args):
     print(f"wrote {args.output}")
 
 
+# --------------------------------------------------------------------------------------------
+# figure commands: where they write, what they refuse to replace
+# --------------------------------------------------------------------------------------------
+#: default folder of every figure command (relative to the working directory)
+_FIG_DIR = "lesde_figures"
+_FIG_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "eps", "ps", "webp")
+_WROTE = []  # paths written by the current command, in order (for `figures all`)
+
+
+def _formats(text: str):
+    vals = [v.strip().lstrip(".").lower() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in vals if v not in _FIG_FORMATS]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"formats are a comma list of {', '.join(_FIG_FORMATS[:3])} "
+                                         f"(or {', '.join(_FIG_FORMATS[3:])}), got {text!r}")
+    return vals
+
+
+def _add_output_args(q, name: str, what: str = "figure file") -> None:
+    """--out, --formats and --overwrite of a figure command."""
+    q.add_argument("--out", default=None, metavar="PATH",
+                   help=f"{what} (default: {_FIG_DIR}/{name}.png); the other --formats are written "
+                   "beside it with the same stem")
+    q.add_argument("--formats", type=_formats, default="png,pdf,svg",
+                   help="formats written (comma list; default png,pdf,svg)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="allow replacing figures committed in the repository's figures/ folder")
+
+
+def _committed_folder(path: str):
+    """The repository's ``figures/`` folder that holds ``path`` (a folder named figures beside
+    ``setup.cfg`` and ``lesde/``), or None."""
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    while True:
+        parent = os.path.dirname(d)
+        if (os.path.basename(d) == "figures" and os.path.isfile(os.path.join(parent, "setup.cfg"))
+                and os.path.isfile(os.path.join(parent, "lesde", "__init__.py"))):
+            return d
+        if parent == d:
+            return None
+        d = parent
+
+
+def _check_outputs(paths, option: str, overwrite: bool) -> None:
+    """Each output can be written, and none replaces a committed figure unless --overwrite."""
+    import os
+
+    for path in paths:
+        _check_out(path, option)
+        if not overwrite and os.path.exists(path) and _committed_folder(path):
+            raise ValueError(f"{option}: {path} is committed in the repository's figures/ folder; "
+                             f"refusing to replace it (pass --overwrite to regenerate it, or write "
+                             f"elsewhere with {option})")
+
+
+def _figure_out(args, name: str, extra=()):
+    """The main output path of a figure command (``--out`` or the default) and every file it
+    will write (the figure in each format, then ``extra`` suffixes such as ``.csv``), checked."""
+    import os
+
+    from .plotting import figure_paths
+
+    out = args.out or os.path.join(_FIG_DIR, f"{name}.png")
+    _check_out(out, "--out")
+    paths = figure_paths(out, args.formats)
+    stem = os.path.splitext(out)[0]
+    _check_outputs(paths + [stem + e for e in extra], "--out", args.overwrite)
+    return out
+
+
+def _wrote(*paths) -> None:
+    for path in paths:
+        _WROTE.append(str(path))
+        print(f"wrote {path}")
+
+
+def _wrote_figure(out, formats) -> None:
+    from .plotting import figure_paths
+
+    _wrote(*figure_paths(out, formats))
+
+
 @_subcommand
 def _add_demo(sub):
     p = sub.add_parser("demo", help="locally elastic vs non-elastic cross-entropy LE-SDE, one figure",
                        description="Simulates the cross-entropy LE-SDE with SGD sampling noise (K = 3, "
                        "n = 50, lr = 1) for a locally elastic case (alpha = 1, beta = 0.2) and a "
-                       "non-elastic one (alpha = beta = 1) and draws both side by side.")
-    p.add_argument("--out", default="figures/demo_trajectories.png")
-    p.add_argument("--T", type=float, default=400.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+                       "non-elastic one (alpha = beta = 1), prints their final loss and accuracy, "
+                       "and draws both side by side.")
+    _add_output_args(p, "demo_trajectories")
+    p.add_argument("--T", type=float, default=400.0, help="final time (lr-scaled)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (X(0) uses seed + 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run_demo)
 
 
@@ -228,7 +423,7 @@ def _run_demo(args):
     import numpy as np
 
     _check_args(args, T="pos_float", seed="nonneg_int")
-    _check_out(args.out, "--out")
+    out = _figure_out(args, "demo_trajectories")
     from . import figures
     from .model import LESDE, Impacts
     from .solvers import initial_state, simulate
@@ -250,60 +445,118 @@ def _run_demo(args):
           f"({sol.params['wall_seconds']:.1f} s)")
     for line in _summary_lines(sde, sol):
         print("  " + line + "   [elastic, non-elastic]")
-    out = figures.plot_demo(cases, args.out)
-    print(f"wrote {out}")
+    figures.plot_demo(cases, out, formats=args.formats,
+                      title=rf"Cross-entropy LE-SDE with SGD sampling noise ($h = 1$), $K = {K}$, "
+                      rf"$n = {n}$ per class" "\nclass means (top) and samples (bottom), relative to "
+                      "the grand mean")
+    _wrote_figure(out, args.formats)
 
 
 @_subcommand
 def _add_figures(sub):
-    p = sub.add_parser("figures", help="draw (and where cheap, compute) the package's figures")
+    p = sub.add_parser("figures", help="draw (and where cheap, compute) the package's figures",
+                       description="The theory figures of the package. Each command writes to "
+                       f"{_FIG_DIR}/ unless --out says otherwise (PNG, PDF and SVG), prints its "
+                       "headline numbers and every file it wrote, and never replaces a figure "
+                       "committed in the repository's figures/ folder without --overwrite. "
+                       "`lesde figures all --out DIR` regenerates every theory figure and table.")
     fs = p.add_subparsers(dest="figure", metavar="FIGURE")
     fs.required = True
-    q = fs.add_parser("sgd-vs-sde", help="discrete feature SGD vs its SDE for several learning rates")
-    q.add_argument("--out", default="figures/sgd_vs_sde.png")
-    q.add_argument("--runs", type=int, default=64)
-    q.add_argument("--T", type=float, default=100.0)
-    q.add_argument("--lrs", type=_floats, default="2,1,0.5")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None)
+    q = fs.add_parser("all", help="every theory figure and its table (the sweeps included) into one folder",
+                      description="Regenerates every theory figure of figures/ and its table into "
+                      "--out, with the commands listed in figures/README.md: the demo, SGD vs SDE, "
+                      "the four phase sweeps and their figures, neural collapse and the feature "
+                      "clouds. Sweeps are resumable: rerunning the command continues them. At full "
+                      "size this takes about 40 minutes on a busy 2-core machine; --small runs "
+                      "every step at a tiny size (a smoke test).")
+    q.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder (default: {_FIG_DIR}/all)")
+    q.add_argument("--sweeps", default=None, metavar="DIR",
+                   help="folder of the phase sweeps (default: DIR/sweeps, or ./sweeps when DIR is "
+                   "the repository's figures/ folder; sweeps-small with --small)")
+    q.add_argument("--small", action="store_true", help="tiny sizes (a smoke test of every step)")
+    q.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma list of figure names to make (default: all of " +
+                   ", ".join(name for name, *_ in _GALLERY) + ")")
+    q.add_argument("--formats", type=_formats, default="png,pdf,svg",
+                   help="formats written (comma list; default png,pdf,svg)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="allow replacing figures committed in the repository's figures/ folder")
+    q.add_argument("--workers", type=int, default=None,
+                   help="run the phase sweeps on a local Dask cluster of N worker processes")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.set_defaults(func=_run_fig_all)
+    q = fs.add_parser("sgd-vs-sde", help="discrete feature SGD vs its SDE for several learning rates",
+                      description="Runs discrete one-sample feature SGD and the SGD-noise LE-SDE "
+                      "(cross-entropy drift, alpha = 1, beta = 0.2, K = 3, n = 50) from the same "
+                      "X(0) for each learning rate h, prints the final class-0 label coordinate "
+                      "and loss of both, and draws their means and 5-95% bands over runs.")
+    _add_output_args(q, "sgd_vs_sde")
+    q.add_argument("--runs", type=int, default=64, help="independent runs per learning rate")
+    q.add_argument("--T", type=float, default=100.0, help="final time t = steps x h")
+    q.add_argument("--lrs", type=_floats, default="2,1,0.5", help="learning rates h (comma list)")
+    q.add_argument("--seed", type=int, default=0, help="random seed")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     q.set_defaults(func=_run_fig_sgd_vs_sde)
-    q = fs.add_parser("phase", help="draw a phase sweep directory (heat maps or curves per T)")
-    q.add_argument("sweep_dir", help="directory written by `lesde phase`")
-    q.add_argument("--out", default=None, help="PNG (default SWEEP_DIR/phase.png)")
+    q = fs.add_parser("phase", help="draw a phase sweep (heat maps or curves per T)",
+                      description="Draws a sweep written by `lesde phase`, or a table written by "
+                      "--csv (e.g. the committed figures/phase_*.csv), and prints where P(separable) "
+                      "is highest and lowest.")
+    q.add_argument("sweep_dir", metavar="SWEEP",
+                   help="directory written by `lesde phase`, or a table CSV written by --csv")
+    q.add_argument("--out", default=None, metavar="PATH",
+                   help=f"figure file (default: {_FIG_DIR}/phase_<sweep name>.png); the other "
+                   "--formats are written beside it")
+    q.add_argument("--formats", type=_formats, default="png,pdf,svg",
+                   help="formats written (comma list; default png,pdf,svg)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="allow replacing figures committed in the repository's figures/ folder")
     q.add_argument("--value", default="p_sep", help="table column to draw (default %(default)s)")
-    q.add_argument("--csv", default=None, help="also copy the table to this CSV file")
-    q.add_argument("--title", default=None)
+    q.add_argument("--csv", default=None, metavar="PATH",
+                   help="also write the table to this CSV file, and its sweep specification beside "
+                   "it (PATH without .csv + .spec.json), from which this command can redraw it")
+    q.add_argument("--title", default=None, help="figure title (default: the model in words)")
     q.add_argument("--theory-c", type=float, default=None,
                    help="decay sweeps of the I-model: draw the heuristic boundary A(T;r)/K = "
                    "log(c w(T)/s0) with this c")
     q.set_defaults(func=_run_fig_phase)
-    q = fs.add_parser("nc", help="NC1..NC4 and the training loss against time, CE drift, several (alpha, beta)")
-    q.add_argument("--out", default="figures/nc_ce_K4.png")
+    q = fs.add_parser("nc", help="NC1..NC4 and the training loss against time, CE drift, several (alpha, beta)",
+                      description="Simulates the cross-entropy LE-SDE for each (alpha, beta) case "
+                      "and draws the neural-collapse measures NC1-NC4 and the training loss over "
+                      "time (medians over runs); the table goes beside the figure as CSV.")
+    _add_output_args(q, "nc_ce_K4", "figure file (its table goes beside it as .csv)")
     q.add_argument("--cases", default="1,0.2;1,1;0.5,1", help="alpha,beta pairs separated by ';'")
-    q.add_argument("--K", type=int, default=4)
-    q.add_argument("--n", type=int, default=50)
-    q.add_argument("--T", type=float, default=2000.0)
-    q.add_argument("--dt", type=float, default=0.5)
-    q.add_argument("--runs", type=int, default=8)
-    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"])
-    q.add_argument("--lr", type=float, default=1.0)
-    q.add_argument("--sigma", type=float, default=0.0)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--K", type=int, default=4, help="number of classes")
+    q.add_argument("--n", type=int, default=50, help="samples per class")
+    q.add_argument("--T", type=float, default=2000.0, help="final time")
+    q.add_argument("--dt", type=float, default=0.5, help="step size")
+    q.add_argument("--runs", type=int, default=8, help="runs per case (the figure shows medians)")
+    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"],
+                   help="SGD sampling noise at --lr, additive noise --sigma, or both")
+    q.add_argument("--lr", type=float, default=1.0, help="learning rate h of the SGD noise")
+    q.add_argument("--sigma", type=float, default=0.0, help="additive noise level")
+    q.add_argument("--seed", type=int, default=0, help="random seed")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     q.set_defaults(func=_run_fig_nc)
-    q = fs.add_parser("clouds", help="feature clouds of elastic and non-elastic LE-SDEs at a few times")
-    q.add_argument("--out", default="figures/clouds_ce_K3.png")
+    q = fs.add_parser("clouds", help="feature clouds of elastic and non-elastic LE-SDEs at a few times",
+                      description="Simulates the LE-SDE for each (alpha, beta) case from one X(0) "
+                      "and draws the samples on the plane of the class means at each time, with "
+                      "the loss and accuracy of the logits.")
+    _add_output_args(q, "clouds_ce_K3")
     q.add_argument("--cases", default="1,0.2;1,1;0.5,1", help="alpha,beta pairs separated by ';'")
-    q.add_argument("--times", type=_grid_values, default=[0.0, 25.0, 100.0, 400.0])
-    q.add_argument("--K", type=int, default=3)
-    q.add_argument("--n", type=int, default=50)
-    q.add_argument("--drift", default="cross_entropy", choices=["identity", "cross_entropy"])
-    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"])
-    q.add_argument("--lr", type=float, default=1.0)
-    q.add_argument("--sigma", type=float, default=0.0)
-    q.add_argument("--dt", type=float, default=0.5)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--times", type=_grid_values, default="0,25,100,400",
+                   help="times of the columns (comma list or START:STOP:COUNT)")
+    q.add_argument("--K", type=int, default=3, help="number of classes")
+    q.add_argument("--n", type=int, default=50, help="samples per class")
+    q.add_argument("--drift", default="cross_entropy", choices=["identity", "cross_entropy"],
+                   help="drift field")
+    q.add_argument("--noise", default="sgd", choices=["sgd", "both", "additive"],
+                   help="SGD sampling noise at --lr, additive noise --sigma, or both")
+    q.add_argument("--lr", type=float, default=1.0, help="learning rate h of the SGD noise")
+    q.add_argument("--sigma", type=float, default=0.0, help="additive noise level")
+    q.add_argument("--dt", type=float, default=0.5, help="step size")
+    q.add_argument("--seed", type=int, default=0, help="random seed")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     q.set_defaults(func=_run_fig_clouds)
     # [further figures are added here]
 
@@ -312,7 +565,7 @@ def _run_fig_sgd_vs_sde(args):
     import numpy as np
 
     _check_args(args, runs="pos_int", T="pos_float", lrs="pos_float", seed="nonneg_int")
-    _check_out(args.out, "--out")
+    out = _figure_out(args, "sgd_vs_sde")
     from . import figures
     from .model import LESDE, Impacts
     from .solvers import initial_state, simulate, simulate_feature_sgd
@@ -336,7 +589,116 @@ def _run_fig_sgd_vs_sde(args):
         print(f"h = {h:g}: final loss feature-SGD {np.mean(r['disc_loss'][-1]):.4f}, "
               f"SDE {np.mean(r['sde_loss'][-1]):.4f}; label coordinate {np.mean(r['disc_coord'][-1]):.3f} "
               f"vs {np.mean(r['sde_coord'][-1]):.3f}")
-    print(f"wrote {figures.plot_sgd_vs_sde(results, args.out)}")
+    figures.plot_sgd_vs_sde(results, out, formats=args.formats,
+                            title=rf"Discrete feature SGD and its SDE: cross-entropy drift, "
+                            rf"$\alpha = 1$, $\beta = 0.2$, $K = {K}$, $n = {n}$" "\n"
+                            f"{args.runs} runs per learning rate from the same initial features")
+    _wrote_figure(out, args.formats)
+
+
+# The theory figures of figures/ and the commands that make them (figures/README.md lists the
+# same commands). Each entry: name, the commands at full size (argument lists of `lesde`; "{out}"
+# and "{sweeps}" are filled in), and the options that shrink each command for --small (appended:
+# the last occurrence of an option wins).
+_SMALL_GRID = ["--alpha", "0.2:1:3", "--beta", "0.2:1:3", "--times", "2,5", "--replicates", "2",
+               "--n", "8", "--chunk-size", "64"]
+_SMALL_DECAY = ["--times", "5,10", "--replicates", "2", "--n", "8", "--chunk-size", "64"]
+_GALLERY = [
+    ("demo_trajectories", [["demo", "--out", "{out}"]], [["--T", "20"]]),
+    ("sgd_vs_sde", [["figures", "sgd-vs-sde", "--out", "{out}"]],
+     [["--runs", "4", "--T", "4", "--lrs", "1,0.5"]]),
+    ("phase_ce_K3",
+     [["phase", "--alpha", "0.05:1:20", "--beta", "0.05:1:20", "--times", "25,100,400",
+       "--replicates", "8", "--chunk-size", "400", "--seed", "0", "-o", "{sweeps}"],
+      ["figures", "phase", "{sweeps}", "--out", "{out}", "--csv", "{csv}"]],
+     [_SMALL_GRID, []]),
+    ("phase_imodel_K3",
+     [["phase", "--drift", "identity", "--noise", "additive", "--sigma", "0.1", "--comoving",
+       "--alpha", "0.05:1:20", "--beta", "0.05:1:20", "--times", "25,100,400", "--replicates", "8",
+       "--chunk-size", "400", "--seed", "0", "-o", "{sweeps}"],
+      ["figures", "phase", "{sweeps}", "--out", "{out}", "--csv", "{csv}"]],
+     [_SMALL_GRID, []]),
+    ("phase_decay_imodel_K3",
+     [["phase", "--drift", "identity", "--noise", "additive", "--sigma", "0.1", "--alpha", "1.5",
+       "--beta", "0", "--t0", "1", "--r-alpha", "0.5:1.5:21", "--times", "100,1000,10000",
+       "--dt", "0.5", "--replicates", "16", "--chunk-size", "400", "--seed", "0", "-o", "{sweeps}"],
+      ["figures", "phase", "{sweeps}", "--out", "{out}", "--csv", "{csv}", "--theory-c", "5"]],
+     [_SMALL_DECAY + ["--r-alpha", "0.5:1.5:3"], []]),
+    ("phase_decay_ce_K3",
+     [["phase", "--drift", "cross_entropy", "--noise", "sgd", "--lr", "1", "--alpha", "1",
+       "--beta", "0.5", "--t0", "1", "--r", "0.5:1.5:21", "--times", "100,1000,10000", "--dt", "0.5",
+       "--replicates", "8", "--chunk-size", "400", "--seed", "0", "-o", "{sweeps}"],
+      ["figures", "phase", "{sweeps}", "--out", "{out}", "--csv", "{csv}"]],
+     [_SMALL_DECAY + ["--r", "0.5:1.5:3"], []]),
+    ("nc_ce_K4", [["figures", "nc", "--out", "{out}"]], [["--T", "5", "--runs", "2", "--n", "8"]]),
+    ("clouds_ce_K3", [["figures", "clouds", "--out", "{out}"]], [["--times", "0,2,5", "--n", "8"]]),
+]
+
+
+def _gallery_commands(name: str, out_dir: str, sweeps_dir: str, small: bool = False):
+    """The `lesde` argument lists that make one gallery figure into ``out_dir``."""
+    import os
+
+    entry = {e[0]: e for e in _GALLERY}[name]
+    fill = {"{out}": os.path.join(out_dir, f"{name}.png"), "{csv}": os.path.join(out_dir, f"{name}.csv"),
+            "{sweeps}": os.path.join(sweeps_dir, name)}
+    cmds = []
+    for cmd, shrink in zip(entry[1], entry[2]):
+        cmds.append([fill.get(a, a) for a in cmd] + (list(shrink) if small else []))
+    return cmds
+
+
+def _run_fig_all(args):
+    import os
+    import time
+
+    _check_args(args, workers="pos_int", threads="pos_int")
+    out_dir = args.out or os.path.join(_FIG_DIR, "all")
+    names = [e[0] for e in _GALLERY]
+    if args.only:
+        want = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [w for w in want if w not in names]
+        if unknown or not want:
+            raise ValueError(f"--only: unknown figure(s) {unknown}; choose from {', '.join(names)}")
+        names = [n for n in names if n in want]
+    _check_out(out_dir, "--out", directory=True)
+    folder = "sweeps-small" if args.small else "sweeps"  # a small sweep is another sweep
+    sweeps_dir = args.sweeps or (folder if _committed_folder(os.path.join(out_dir, "x"))
+                                 else os.path.join(out_dir, folder))
+    _check_out(sweeps_dir, "--sweeps", directory=True)
+    from .plotting import figure_paths
+
+    parser = build_parser()
+    plan = []
+    for name in names:
+        for argv in _gallery_commands(name, out_dir, sweeps_dir, small=args.small):
+            if argv[0] != "phase":
+                argv += ["--formats", ",".join(args.formats)] + (["--overwrite"] if args.overwrite else [])
+            if args.threads and argv[:2] != ["figures", "phase"]:
+                argv += ["--threads", str(args.threads)]
+            if args.workers and argv[0] == "phase":
+                argv += ["--workers", str(args.workers)]
+            if argv[0] == "phase":
+                argv += ["--no-progress"]
+            plan.append((name, argv, parser.parse_args(argv)))
+    # every output checked before any work
+    for name, argv, sub_args in plan:
+        if argv[0] != "phase":
+            out = os.path.join(out_dir, f"{name}.png")
+            extra = [os.path.join(out_dir, f"{name}.csv")] if ("--csv" in argv or name.startswith("nc")) else []
+            _check_outputs(figure_paths(out, args.formats) + extra, "--out", args.overwrite)
+    del _WROTE[:]
+    t0 = time.perf_counter()
+    for i, (name, argv, sub_args) in enumerate(plan):
+        print(f"\n[{i + 1}/{len(plan)}] lesde {' '.join(argv)}", flush=True)
+        _threads(sub_args)
+        sub_args.func(sub_args)
+    wrote = list(_WROTE)
+    print(f"\nfigures all: finished in {time.perf_counter() - t0:.0f} s; wrote {len(wrote)} files "
+          f"({'small sizes' if args.small else 'full size'}):")
+    for path in wrote:
+        print(f"  {path}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,19 +862,72 @@ def _run_phase(args):
         print(f"wrote {args.out}/table.csv")
 
 
+def _table_spec(table, csv_path) -> dict:
+    """The sweep specification of a table read from CSV: the ``.spec.json`` written beside it
+    by ``figures phase --csv``, else what the table's columns say (swept parameters are the
+    grid columns with more than one value)."""
+    import json
+    import os
+
+    side = os.path.splitext(csv_path)[0] + ".spec.json"
+    if os.path.exists(side):
+        try:
+            with open(side) as f:
+                d = json.load(f)
+            spec = d["spec"]
+            if not isinstance(spec, dict) or not isinstance(spec.get("grid"), list):
+                raise TypeError("no grid")
+            return spec
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{side}: not a sweep specification written by lesde ({exc})") from None
+    from .phase import PhaseSpec, _GRID_KEYS
+
+    spec = PhaseSpec(grid=()).to_dict()
+    grid = []
+    for name in _GRID_KEYS:
+        if name in table.columns:
+            vals = list(dict.fromkeys(table[name].tolist()))
+            if len(vals) > 1:
+                grid.append([name, sorted(vals)])
+            else:
+                spec[name] = vals[0]
+    spec["grid"] = grid
+    if "runs" in table.columns:
+        spec["replicates"] = int(table["runs"].max())
+    spec["times"] = sorted(float(t) for t in table["T"].unique())
+    return spec
+
+
 def _run_fig_phase(args):
+    import json
     import os
 
     from . import figures
-    from .phase import load_sweep
 
-    out = args.out or os.path.join(args.sweep_dir, "phase.png")
-    _check_out(out, "--out")
+    source = args.sweep_dir
+    is_csv = os.path.isfile(source) and source.lower().endswith(".csv")
+    name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+    args.out = args.out or os.path.join(_FIG_DIR, name if name.startswith("phase") else f"phase_{name}")
+    out = _figure_out(args, "phase")
     if args.csv:
-        _check_out(args.csv, "--csv")
-    spec, table = load_sweep(args.sweep_dir)
-    if not table.attrs.get("complete", False):
-        print("warning: the sweep is not finished; drawing the finished chunks")
+        _check_outputs([args.csv, os.path.splitext(args.csv)[0] + ".spec.json"], "--csv", args.overwrite)
+    if is_csv:
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(source)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{source}: not a readable table ({exc})") from None
+        missing = {"T", "p_sep"} - set(table.columns)
+        if missing:
+            raise ValueError(f"{source}: not a phase table (no column {sorted(missing)})")
+        table.attrs.update({"complete": True, "spec": _table_spec(table, source)})
+    else:
+        from .phase import load_sweep
+
+        _, table = load_sweep(source)
+        if not table.attrs.get("complete", False):
+            print("warning: the sweep is not finished; drawing the finished chunks")
     if args.value not in table.columns:
         raise ValueError(f"--value {args.value!r} is not a table column; e.g. p_sep, p_lp, p_loss, "
                          f"loss_mean, nc1_mean, t_sep_mean")
@@ -521,8 +936,19 @@ def _run_fig_phase(args):
 
         with atomic_write(args.csv, "w", newline="") as f:
             table.to_csv(f, index=False, float_format="%.6g")
-        print(f"wrote {args.csv}")
-    print(f"wrote {figures.plot_phase(table, out, value=args.value, title=args.title, theory_c=args.theory_c)}")
+        side = os.path.splitext(args.csv)[0] + ".spec.json"
+        with atomic_write(side, "w") as f:
+            json.dump({"format": "lesde-phase-table", "spec": table.attrs["spec"]}, f, indent=1,
+                      sort_keys=True)
+            f.write("\n")
+        _wrote(args.csv, side)
+    notion = str(table["notion"].iloc[0]) if "notion" in table.columns else "p_sep"
+    for T, g in table.groupby("T"):
+        print(f"T = {T:g}: P(separable: {notion}) = 1 at {int((g['p_sep'] == 1).sum())} and 0 at "
+              f"{int((g['p_sep'] == 0).sum())} of {len(g)} points (mean {g['p_sep'].mean():.3f})")
+    figures.plot_phase(table, out, value=args.value, title=args.title, theory_c=args.theory_c,
+                       formats=args.formats)
+    _wrote_figure(out, args.formats)
 
 
 def _cases(text):
@@ -539,20 +965,28 @@ def _cases(text):
     return pairs
 
 
+def _noise_words(args) -> str:
+    if args.noise == "sgd":
+        return f"SGD sampling noise ($h = {args.lr:g}$)"
+    if args.noise == "additive":
+        return rf"additive noise ($\sigma = {args.sigma:g}$)"
+    return rf"SGD sampling noise ($h = {args.lr:g}$) and additive noise ($\sigma = {args.sigma:g}$)"
+
+
 def _run_fig_nc(args):
     import os
 
     import numpy as np
 
+    cases = _cases(args.cases)
+    _check_args(args, K="pos_int", n="pos_int", T="pos_float", dt="pos_float", runs="pos_int",
+                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
+    out = _figure_out(args, "nc_ce_K4", extra=(".csv",))
     from . import figures
     from .model import LESDE, Impacts
     from .phase import collapse_over_time
     from .solvers import initial_state, simulate
 
-    cases = _cases(args.cases)
-    _check_args(args, K="pos_int", n="pos_int", T="pos_float", dt="pos_float", runs="pos_int",
-                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
-    _check_out(args.out, "--out")
     K, R = args.K, args.runs
     y = np.repeat(np.arange(K), args.n)
     a = np.repeat([c[0] for c in cases], R)
@@ -568,35 +1002,35 @@ def _run_fig_nc(args):
     frame.insert(0, "t", sol.ts[frame["time_index"].to_numpy()])
     summary = frame.drop(columns="time_index").groupby(["run", "t"], sort=False).median().reset_index()
     summary = summary.rename(columns={"run": "case"})
-    csv = os.path.splitext(args.out)[0] + ".csv"
+    csv = os.path.splitext(out)[0] + ".csv"
     from .storage import atomic_write
 
     with atomic_write(csv, "w", newline="") as f:
         summary.to_csv(f, index=False, float_format="%.6g")
-    noise = (f"SGD sampling noise, lr = {args.lr:g}" if args.noise == "sgd" else
-             f"additive sigma = {args.sigma:g}" if args.noise == "additive" else
-             f"SGD noise (lr = {args.lr:g}) + additive sigma = {args.sigma:g}")
-    title = f"cross-entropy LE-SDE, K = {K}, n = {args.n}, {noise}; medians over {R} runs"
+    title = (f"Neural collapse in the cross-entropy LE-SDE: $K = {K}$, $n = {args.n}$ per class, "
+             f"{_noise_words(args)}\nmedians over {R} runs; $W$: the identity read-out of the "
+             "logits (centred), $M$: the centred class means")
     for case, g in summary.groupby("case", sort=False):
         last = g.iloc[-1]
         print(f"{case}: at t = {last['t']:g} NC1 {last['nc1']:.3g}, ETF angle {last['etf_angle']:.3g}, "
               f"equinorm {last['equinorm']:.3g}, NC3 {last['nc3']:.3g}, NC4 {last['nc4']:.3g}, "
               f"loss {last['loss']:.3g}, accuracy {last['accuracy']:.3g}")
-    print(f"wrote {csv}")
-    print(f"wrote {figures.plot_neural_collapse(summary, args.out, title=title)}")
+    _wrote(csv)
+    figures.plot_neural_collapse(summary, out, title=title, formats=args.formats)
+    _wrote_figure(out, args.formats)
 
 
 def _run_fig_clouds(args):
     import numpy as np
 
+    cases = _cases(args.cases)
+    _check_args(args, K="pos_int", n="pos_int", times="nonneg_float", dt="pos_float",
+                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
+    out_path = _figure_out(args, "clouds_ce_K3")
     from . import figures
     from .model import LESDE, Impacts
     from .solvers import Solution, initial_state, simulate
 
-    cases = _cases(args.cases)
-    _check_args(args, K="pos_int", n="pos_int", times="nonneg_float", dt="pos_float",
-                lr="pos_float", sigma="nonneg_float", seed="nonneg_int")
-    _check_out(args.out, "--out")
     K = args.K
     y = np.repeat(np.arange(K), args.n)
     a = np.array([c[0] for c in cases])
@@ -614,8 +1048,15 @@ def _run_fig_clouds(args):
             ts=sol.ts, labels=sol.labels, class_means=sol.class_means[:, i:i + 1],
             within_cov=sol.within_cov[:, i:i + 1], states=sol.states[:, i:i + 1],
             overflow_time=sol.overflow_time[i:i + 1], params=sol.params)
-    noise = f"SGD noise lr = {args.lr:g}" if args.noise == "sgd" else f"{args.noise} noise, sigma = {args.sigma:g}"
-    print(f"wrote {figures.plot_feature_clouds(out, args.out, subtitle=f'{args.drift} drift, K = {K}, n = {args.n}, {noise}')}")
+    loss, acc = figures.training_loss_curve(sol.states, sol.labels)
+    for i, (ai, bi) in enumerate(cases):
+        print(f"alpha = {ai:g}, beta = {bi:g}: loss " + ", ".join(
+            f"{loss[j, i]:.3g}" for j in range(len(ts))) + "; accuracy " + ", ".join(
+            f"{acc[j, i]:.2f}" for j in range(len(ts))) + f" at t = {', '.join(f'{t:g}' for t in ts)}")
+    drift = {"cross_entropy": "Cross-entropy drift", "identity": "Identity drift"}[args.drift]
+    figures.plot_feature_clouds(out, out_path, formats=args.formats,
+                                subtitle=f"{drift}, {_noise_words(args)}, $K = {K}$, $n = {args.n}$ per class")
+    _wrote_figure(out_path, args.formats)
 
 
 # Pattern for a new subcommand (keep imports of heavy modules inside _run_<name>):
@@ -1166,16 +1607,32 @@ def _run_fit(args):
 # the parser
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``lesde`` parser. Building it imports nothing heavy (no torch, numpy or matplotlib):
+    ``lesde --help`` and every subcommand's ``--help`` return at once."""
+    parser = _Parser(
         prog="lesde",
         description="Locally elastic stochastic differential equations: simulate, sweep, "
         "train and track real networks, fit, and draw the figures.",
+        epilog="`lesde COMMAND --help` describes each command and its options with their defaults.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for _name, add in _SUBCOMMANDS:
         add(sub)
+    _propagate_options(parser)
     return parser
+
+
+def _user_errors() -> tuple:
+    """Exception classes reported as one line (exit status 2). Classes of modules that are not
+    loaded cannot have been raised, so their modules are not imported for this."""
+    errors = [ValueError, FileNotFoundError, OSError]
+    for module, name in (("lesde.resources", "InsufficientMemoryError"),
+                         ("lesde.tracking", "TrainingDivergedError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            errors.append(cls)
+    return tuple(errors)
 
 
 def main(argv=None) -> int:
@@ -1183,17 +1640,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import warnings
 
-    from .resources import InsufficientMemoryError
-    from .tracking import TrainingDivergedError
-
     plain = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: (
         f"lesde {args.command}: warning: {message}\n")
+    del _WROTE[:]
     try:
         _threads(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError, InsufficientMemoryError,
-            TrainingDivergedError) as exc:  # user errors: one clear line
+    except Exception as exc:  # user errors: one clear line
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"lesde {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -1,6 +1,9 @@
-"""Figures. Every function reads results (Solutions, tables, arrays) and writes one PNG.
+"""Figures. Every function reads results (Solutions, tables, arrays) and writes one figure.
 
-Nothing here simulates or trains; the command line runs the jobs and calls these.
+Nothing here simulates or trains; the command line runs the jobs and calls these. The theory
+figures (demo, SGD vs SDE, phase, neural collapse, clouds) are drawn in the package's style
+(:mod:`lesde.plotting`) and take ``formats`` (e.g. ``("pdf", "svg")``) for further files written
+beside ``path``.
 """
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from .plotting import (FULL_WIDTH, band, color, legend_outside, mathify, new_figure, save_figure,
+                       shared_colorbar, styled)
 
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
            "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
@@ -66,77 +72,112 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
             "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def plot_demo(cases: Dict[str, "object"], path, run: int = 0) -> str:
+@styled
+def plot_demo(cases: Dict[str, "object"], path, run: int = 0, formats: Optional[Sequence[str]] = None,
+              title: Optional[str] = None) -> str:
     """Side by side, one column per case (title -> Solution with full states, logit features):
     top, class-mean trajectories (minus the grand mean at each time) in the plane of the final
     class means, with the triangle of the means at a few times; bottom, the samples at the start
-    and the end projected on the same plane. Titles carry the final training loss and accuracy of the logits."""
-    plt = _plt()
-    fig, axes = plt.subplots(2, len(cases), figsize=(4.6 * len(cases), 8.4), squeeze=False)
-    for col, (title, sol) in enumerate(cases.items()):
+    (open) and the end (filled) projected on the same plane, on one scale for all cases. Titles
+    carry the final training loss and accuracy of the logits.
+
+    ``formats``: further formats written beside ``path`` (``("pdf", "svg")``); returns ``path``.
+    """
+    from matplotlib.lines import Line2D
+
+    fig = new_figure(FULL_WIDTH, 6.6)
+    ncol = len(cases)
+    axes = np.empty((2, ncol), dtype=object)
+    for col in range(ncol):
+        axes[0, col] = fig.add_subplot(2, ncol, col + 1)
+        axes[1, col] = fig.add_subplot(2, ncol, ncol + col + 1,
+                                       sharex=axes[1, 0] if col else None,
+                                       sharey=axes[1, 0] if col else None)
+    K = 0
+    for col, (name, sol) in enumerate(cases.items()):
         y = sol.labels
-        K = int(y.max()) + 1
+        K = max(K, int(y.max()) + 1)
         # relative to the grand mean at each time: a common translation (all samples moved
         # alike, as under E = 11^T) is not separation
         grand = sol.class_means[:, run].mean(1, keepdims=True)  # (T, 1, p)
         means = sol.class_means[:, run] - grand                 # (T, K, p)
         finite = np.isfinite(means).all((1, 2))
         last = int(np.flatnonzero(finite)[-1])
-        centre, basis = class_mean_plane(means[last])
-        centre = np.zeros_like(centre)
+        _, basis = class_mean_plane(means[last])
         proj = means[: last + 1] @ basis                        # (T, K, 2)
         ax = axes[0, col]
-        for k in range(K):
-            ax.plot(proj[:, k, 0], proj[:, k, 1], color=_PALETTE[k % 10], lw=1.8, label=f"class {k}")
-            ax.scatter(proj[-1, k, 0], proj[-1, k, 1], color=_PALETTE[k % 10], s=30, zorder=3)
         for i in np.unique(np.linspace(0, last, 6).astype(int)):
             tri = np.concatenate([proj[i], proj[i][:1]])
-            ax.plot(tri[:, 0], tri[:, 1], color="0.4", lw=0.7, alpha=0.35 + 0.65 * i / max(last, 1))
+            ax.plot(tri[:, 0], tri[:, 1], color="0.45", lw=0.6, alpha=0.3 + 0.6 * i / max(last, 1), zorder=1)
+        for k in range(proj.shape[1]):
+            ax.plot(proj[:, k, 0], proj[:, k, 1], color=color(k), lw=1.5, zorder=2)
+            ax.plot(proj[-1, k, 0], proj[-1, k, 1], "o", color=color(k), ms=5, zorder=3)
         loss, acc = training_loss_curve(sol.states[last:last + 1, run:run + 1], y)
-        ax.set_title(f"{title}\nclass means minus grand mean, t = 0..{sol.ts[last]:g}; final loss {float(loss[0, 0]):.3g}, "
-                     f"acc {float(acc[0, 0]):.2f}", fontsize=9)
-        ax.set_xlabel("plane of the class means, axis 1")
-        ax.set_ylabel("axis 2")
-        ax.legend(fontsize=8, loc="best")
+        ax.set_title(f"{mathify(name)}\nfinal loss {float(loss[0, 0]):.3g}, accuracy "
+                     f"{float(acc[0, 0]):.2f}")
+        ax.set_xlabel("class-mean plane, axis 1")
+        ax.set_ylabel("class-mean plane, axis 2")
         ax = axes[1, col]
-        for i, alpha in zip((0, last), (0.25, 0.8)):
+        for i, filled in ((0, False), (last, True)):
             pts = (sol.states[i, run] - grand[i]) @ basis
-            for k in range(K):
+            for k in range(proj.shape[1]):
                 sel = y == k
-                ax.scatter(pts[sel, 0], pts[sel, 1], s=9, color=_PALETTE[k % 10], alpha=alpha,
-                           edgecolors="none", label=(f"class {k}, t = {sol.ts[i]:g}" if i == last else None))
-        ax.set_title(f"samples minus grand mean, t = 0 (faint) and t = {sol.ts[last]:g}", fontsize=9)
-        ax.set_xlabel("plane of the class means, axis 1")
-        ax.set_ylabel("axis 2")
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return _save(fig, path)
+                if filled:
+                    ax.scatter(pts[sel, 0], pts[sel, 1], s=8, color=color(k), alpha=0.85,
+                               edgecolors="none", zorder=3)
+                else:
+                    ax.scatter(pts[sel, 0], pts[sel, 1], s=8, facecolors="none",
+                               edgecolors=color(k), linewidths=0.5, alpha=0.45, zorder=2)
+        ax.set_title(f"samples at $t = 0$ (open) and $t = {sol.ts[last]:g}$ (filled)")
+        ax.set_xlabel("class-mean plane, axis 1")
+        ax.set_ylabel("class-mean plane, axis 2")
+    handles = [Line2D([], [], color=color(k), lw=1.5, marker="o", ms=4, label=f"class {k}")
+               for k in range(K)]
+    handles.append(Line2D([], [], color="0.45", lw=0.8, label="triangle of the class means\n"
+                          "at six times (darker: later)"))
+    legend_outside(fig, handles, where="bottom", ncol=K + 1)
+    fig.suptitle(title or "Class means (top) and samples (bottom) relative to the grand mean")
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_sgd_vs_sde(results: Sequence[dict], path) -> str:
+@styled
+def plot_sgd_vs_sde(results: Sequence[dict], path, formats: Optional[Sequence[str]] = None,
+                    title: Optional[str] = None) -> str:
     """Discrete feature SGD against its SDE for several learning rates h.
 
     ``results``: one dict per h with keys ``h``, ``ts``, ``disc_coord`` / ``sde_coord``
     (T, R) a class-mean coordinate over runs, ``disc_loss`` / ``sde_loss`` (T, R) training
-    cross-entropy over runs. Left: the coordinate (mean and 5-95% band); right: the loss."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for c, r in zip(colors, results):
-        for key, ls, lab in (("disc", "-", "feature SGD"), ("sde", "--", "SDE")):
-            for ax, what in zip(axes, ("coord", "loss")):
-                v = np.asarray(r[f"{key}_{what}"])
-                ax.plot(r["ts"], np.nanmean(v, 1), ls, color=c, lw=1.6, label=f"{lab}, h = {r['h']:g}")
+    cross-entropy over runs. One column per h; top: the coordinate, bottom: the loss, each as
+    the mean over runs and the 5-95% band (feature SGD filled, SDE hatched).
+
+    ``formats``: further formats written beside ``path``; returns ``path``.
+    """
+    from matplotlib.lines import Line2D
+
+    fig = new_figure(FULL_WIDTH, 4.9)
+    axes = fig.subplots(2, len(results), squeeze=False, sharex="col", sharey="row")
+    handles = []
+    for c, r in enumerate(results):
+        ts = np.asarray(r["ts"], dtype=float)
+        for row, what in enumerate(("coord", "loss")):
+            ax = axes[row, c]
+            for i, (key, kind, ls, lab) in enumerate((("disc", "fill", "-", "feature SGD"),
+                                                      ("sde", "hatch", "--", "SDE"))):
+                v = np.asarray(r[f"{key}_{what}"], dtype=float)
                 lo, hi = np.nanpercentile(v, [5, 95], axis=1)
-                ax.fill_between(r["ts"], lo, hi, color=c, alpha=0.08 if key == "sde" else 0.15, lw=0)
-    axes[0].set_title("label coordinate of the class-0 mean (mean, 5-95% band over runs)", fontsize=9)
-    axes[0].set_xlabel("time t = steps x h")
-    axes[1].set_title("training cross-entropy of the logits (order parameter)", fontsize=9)
-    axes[1].set_xlabel("time t = steps x h")
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+                h = band(ax, ts, lo, hi, color(i), kind=kind, label=f"{lab}: 5-95% of runs")
+                ax.plot(ts, np.nanmean(v, 1), ls, color=color(i), lw=1.5, zorder=3)
+                if c == 0 and row == 0:
+                    handles += [Line2D([], [], color=color(i), ls=ls, lw=1.5,
+                                       label=f"{lab}: mean over runs"), h]
+        axes[0, c].set_title(f"learning rate $h = {r['h']:g}$")
+        axes[1, c].set_xlabel(r"time $t$ = steps $\times\, h$")
+    axes[1, 0].set_yscale("log")
+    axes[0, 0].set_ylabel("class-0 mean along\n" + r"$d_0 = e_0 - \mathbf{1}/K$")
+    axes[1, 0].set_ylabel("training cross-entropy\nof the logits")
+    legend_outside(fig, handles, where="bottom", ncol=4)
+    fig.suptitle(title or "Discrete feature SGD and its SDE")
+    return save_figure(fig, path, formats)[0]
 
 
 def plot_torus_locality(results: dict, path) -> str:
@@ -216,163 +257,280 @@ def _decay_boundary(spec: dict, T: float, c: float):
     return float(rs[np.flatnonzero(np.diff(ok.astype(int)) != 0)[0] + 1])
 
 
+_DRIFT_WORDS = {"cross_entropy": "cross-entropy drift", "identity": "identity drift (I-model)",
+                "label_projection": "label-projection drift (L-model)"}
+_NOTION_WORDS = {"readout accuracy 1": "read-out accuracy = 1",
+                 "NCC accuracy 1": "nearest-class-centre accuracy = 1"}
+_PARAM_LABELS = {"alpha": r"intra-class impact $\alpha$", "beta": r"inter-class impact $\beta$",
+                 "gap": r"impact gap $\alpha - \beta$",
+                 "r": r"decay exponent $r$ of $\alpha(t)$ and $\beta(t)$",
+                 "r_alpha": r"decay exponent $r_\alpha$ of $\alpha(t)$",
+                 "r_beta": r"decay exponent $r_\beta$ of $\beta(t)$",
+                 "sigma": r"additive noise level $\sigma$", "init_std": r"initial spread $\sigma_0$",
+                 "K": "number of classes $K$", "n": "samples per class $n$",
+                 "lr": "learning rate $h$", "t0": r"decay time scale $t_0$"}
+_VALUE_LABELS = {"p_sep": "P(separable at $T$)", "p_lp": "P(LP-separable at $T$)",
+                 "p_loss": "P(training loss below threshold at $T$)",
+                 "loss_mean": "training cross-entropy at $T$", "nc1_mean": "NC1 at $T$",
+                 "t_sep_mean": "time to separation", "accuracy_mean": "argmax accuracy at $T$",
+                 "ncc_accuracy_mean": "nearest-class-centre accuracy at $T$"}
+
+
+def _sweep_description(spec: dict, swept) -> str:
+    """The model of a sweep in words and symbols (its swept parameters left out)."""
+    drift = _DRIFT_WORDS.get(spec.get("drift"), f"{spec.get('drift')} drift")
+    noise = spec.get("noise")
+    parts = []
+    if noise in ("sgd", "both"):
+        parts.append("SGD sampling noise" + ("" if "lr" in swept else f" ($h = {spec.get('lr'):g}$)"))
+    if noise in ("additive", "both"):
+        parts.append("additive noise" + ("" if "sigma" in swept else
+                                         rf" ($\sigma = {spec.get('sigma'):g}$)"))
+    if noise == "none":
+        parts.append("no noise")
+    if "noise" in swept:
+        parts = ["noise as swept"]
+    size = [f"$K = {spec.get('K')}$ classes" if "K" not in swept else "",
+            f"$n = {spec.get('n')}$ per class" if "n" not in swept else ""]
+    text = (drift[0].upper() + drift[1:] + ", " + " and ".join(parts) + "\n"
+            + ", ".join(s for s in size if s) + f", {spec.get('replicates')} replicates per point"
+            + (", co-moving frame" if spec.get("comoving") else ""))
+    return text
+
+
+def _schedule_tex(sym: str, a0: float, exponent: str, value: float, t0: float, swept: bool) -> str:
+    """``alpha(t) = a0 (1 + t/t0)^(-r)`` in math text, simplified (0, constants, t0 = 1, a0 = 1)."""
+    if a0 == 0:
+        return f"${sym}(t) = 0$"
+    if not swept and value == 0:
+        return f"${sym}(t) = {a0:g}$"
+    coef = "" if a0 == 1 else f"{a0:g}\\,"
+    base = "(1 + t)" if t0 == 1 else f"(1 + t/{t0:g})"
+    power = exponent if swept else f"{value:g}"
+    return f"${sym}(t) = {coef}{base}^{{-{power}}}$"
+
+
+@styled
 def plot_phase(table, path, value: str = "p_sep", title: Optional[str] = None,
-               theory_c: Optional[float] = None) -> str:
+               theory_c: Optional[float] = None, formats: Optional[Sequence[str]] = None) -> str:
     """Draw a phase-sweep table (:func:`lesde.phase.run_sweep`), one panel per scoring time T.
 
     Two swept parameters: heat maps of ``value`` (first grid name on the x axis, the diagonal
-    alpha = beta drawn when the axes are alpha and beta); with ``value="p_sep"`` a second row
-    shows LP separability (any affine classifier, a weaker notion). One swept parameter:
-    curves of ``value`` and of ``p_lp`` against it, one colour per T, with standard errors; a
-    decay exponent on the x axis gets the line r = 1 and, with ``theory_c``, the heuristic
-    boundary of :func:`_decay_boundary` per T (dotted)."""
-    plt = _plt()
+    alpha = beta drawn when the axes are alpha and beta), one colour bar for all panels; with
+    ``value="p_sep"`` a second row shows LP separability (any affine classifier, a weaker
+    notion). One swept parameter: curves of ``value`` and of ``p_lp`` against it, one colour per
+    T, with standard errors; a decay exponent on the x axis gets the line r = 1 and, with
+    ``theory_c``, the heuristic boundary of :func:`_decay_boundary` per T (dotted).
+
+    ``formats``: further formats written beside ``path``; returns ``path``."""
+    from matplotlib.lines import Line2D
+
     names = _swept(table)
     times = sorted(table["T"].unique())
     notion = str(table["notion"].iloc[0]) if "notion" in table.columns else value
+    notion = _NOTION_WORDS.get(notion, notion)
     spec = table.attrs.get("spec", {})
-    desc = (f"{spec.get('drift', '')} drift, {spec.get('noise', '')} noise"
-            + (f" (lr = {spec.get('lr'):g})" if spec.get("noise") in ("sgd", "both") else "")
-            + (f", sigma = {spec.get('sigma'):g}" if spec.get("noise") in ("additive", "both") else "")
-            + f", K = {spec.get('K')}, n = {spec.get('n')}, {spec.get('replicates')} replicates"
-            + (", co-moving frame" if spec.get("comoving") else ""))
-    label = {"p_sep": f"P(separable at T): {notion} (order parameter)",
-             "p_lp": "P(LP-separable at T): any affine classifier"}.get(value, value)
+    desc = _sweep_description(spec, set(names))
+    prob = value.startswith("p_")
+    vlabel = _VALUE_LABELS.get(value, value)
     if len(names) == 2:
         xname, yname = names
-        short = {"p_sep": f"P(sep.): {notion}", "p_lp": "P(LP-separable): any affine classifier"}
-        rows = [(value, short.get(value, value))]
+        rows = [(value, f"order parameter: P({notion})" if value == "p_sep" else vlabel)]
         if value == "p_sep" and table["p_lp"].notna().any():
-            rows.append(("p_lp", "P(LP-separable), weaker notion"))
-        fig, axes = plt.subplots(len(rows), len(times), figsize=(4.0 * len(times), 3.5 * len(rows)),
-                                 squeeze=False)
+            rows.append(("p_lp", "weaker notion: P(LP-separable by any affine classifier)"))
         xs = np.sort(table[xname].unique())
         ys = np.sort(table[yname].unique())
+        square = {xname, yname} == {"alpha", "beta"}
+        width = FULL_WIDTH if len(times) > 1 else FULL_WIDTH * 0.55
+        fig = new_figure(width, 2.55 * len(rows) + 1.0)
+        subs = fig.subfigures(len(rows), 1, height_ratios=[1.0] * (len(rows) - 1) + [1.22])
+        subs = np.atleast_1d(subs)
+        vmin = vmax = None
+        if not prob:
+            vals = np.concatenate([table[c].to_numpy(dtype=float) for c, _ in rows])
+            vmin, vmax = np.nanmin(vals), np.nanmax(vals)
+        axes_all, im, diag = [], None, None
+        dx = (xs[-1] - xs[0]) / max(len(xs) - 1, 1) / 2
+        dy = (ys[-1] - ys[0]) / max(len(ys) - 1, 1) / 2
         for r, (col, lab) in enumerate(rows):
+            axs = np.atleast_1d(subs[r].subplots(1, len(times), sharex=True, sharey=True))
+            subs[r].suptitle(lab, fontsize=8.5)
             for c, T in enumerate(times):
-                ax = axes[r, c]
+                ax = axs[c]
                 g = table[table["T"] == T].pivot_table(index=yname, columns=xname, values=col)
                 g = g.reindex(index=ys, columns=xs)
-                dx = (xs[-1] - xs[0]) / max(len(xs) - 1, 1) / 2
-                dy = (ys[-1] - ys[0]) / max(len(ys) - 1, 1) / 2
-                prob = col.startswith("p_")
-                im = ax.imshow(g.to_numpy(), origin="lower", aspect="auto", cmap="viridis",
+                im = ax.imshow(g.to_numpy(), origin="lower", aspect="equal" if square else "auto",
+                               interpolation="nearest",
                                extent=[xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy],
-                               vmin=0 if prob else None, vmax=1 if prob else None)
-                if {xname, yname} == {"alpha", "beta"}:
-                    lo, hi = max(xs[0], ys[0]), min(xs[-1], ys[-1])
-                    ax.plot([lo, hi], [lo, hi], "w--", lw=1, label="alpha = beta")
-                    ax.legend(fontsize=7, loc="upper left")
-                ax.set_xlabel(xname)
-                ax.set_ylabel(yname)
+                               vmin=0 if prob else vmin, vmax=1 if prob else vmax)
+                if square:
+                    lo, hi = max(xs[0], ys[0]) - dx, min(xs[-1], ys[-1]) + dx
+                    # white under black dashes: visible on dark and light colours alike
+                    under, = ax.plot([lo, hi], [lo, hi], color="white", lw=2.2, zorder=2)
+                    over, = ax.plot([lo, hi], [lo, hi], color="black", ls=(0, (3, 2)), lw=1.0, zorder=3)
+                    diag = (under, over)
                 ax.grid(False)
-                ax.set_title(f"{lab}, T = {T:g}", fontsize=8.5)
-                fig.colorbar(im, ax=ax, fraction=0.046)
+                ax.set_title(f"$T = {T:g}$")
+                ax.set_xlabel(_PARAM_LABELS.get(xname, xname))
+                if c == 0:
+                    ax.set_ylabel(_PARAM_LABELS.get(yname, yname))
+                axes_all.append(ax)
+            last_axes = axs
+        shared_colorbar(subs[-1], im, list(last_axes), "fraction of replicates" if prob else vlabel,
+                        location="bottom", pad=0.02)
+        if diag is not None:
+            from matplotlib.legend_handler import HandlerTuple
+
+            subs[-1].legend([diag], [r"$\alpha = \beta$"], loc="lower right", bbox_to_anchor=(1.0, 0.0),
+                            handler_map={tuple: HandlerTuple(ndivide=None)}, handlelength=3)
+        fig.suptitle(title or desc)
     elif len(names) == 1:
         xname = names[0]
-        fig, ax = plt.subplots(figsize=(10.0, 4.2))
+        fig = new_figure(FULL_WIDTH, 4.4)
+        ax = fig.subplots()
+        handles = []
         for i, T in enumerate(times):
             g = table[table["T"] == T].sort_values(xname)
-            color = _PALETTE[i % 10]
-            ax.errorbar(g[xname], g[value], yerr=g.get(f"{value}_se"), color=color, lw=1.6, marker="o",
-                        ms=3, capsize=2, label=f"T = {T:g}: {notion}" if value == "p_sep" else f"T = {T:g}")
+            ax.errorbar(g[xname], g[value], yerr=g.get(f"{value}_se"), color=color(i), lw=1.5,
+                        marker="o", ms=3, zorder=3)
+            handles.append(Line2D([], [], color=color(i), lw=1.5, marker="o", ms=3, label=f"$T = {T:g}$"))
             if value == "p_sep" and g["p_lp"].notna().any():
-                ax.plot(g[xname], g["p_lp"], ls="--", color=color, lw=1, label=f"T = {T:g}: LP (any affine)")
+                ax.plot(g[xname], g["p_lp"], ls="--", color=color(i), lw=1, zorder=2)
             if theory_c is not None and xname in ("r", "r_alpha", "r_beta"):
                 rstar = _decay_boundary(spec, T, theory_c)
                 if rstar is not None:
-                    ax.axvline(rstar, color=color, ls=":", lw=1.2,
-                               label=f"T = {T:g}: exp((A-B)/K) s0 = {theory_c:g} w(T) at r = {rstar:.3f}")
+                    ax.axvline(rstar, color=color(i), ls=":", lw=1.3, zorder=1)
+        handles.append(Line2D([], [], color="0.2", lw=1.5, marker="o", ms=3,
+                              label=f"order parameter: {notion}\n(bars: binomial standard error)"
+                              if value == "p_sep" else vlabel))
+        if value == "p_sep" and table["p_lp"].notna().any():
+            handles.append(Line2D([], [], color="0.2", lw=1, ls="--",
+                                  label="LP-separable by any affine\nclassifier (a weaker notion)"))
+        if theory_c is not None and xname in ("r", "r_alpha", "r_beta"):
+            handles.append(Line2D([], [], color="0.2", lw=1.3, ls=":",
+                                  label="heuristic boundary\n"
+                                  rf"$e^{{(A - B)/K}} s_0 = {theory_c:g}\, w(T)$"))
         if xname in ("r", "r_alpha", "r_beta"):
-            ax.axvline(1.0, color="k", lw=0.8, label="r = 1 (A(t) diverges iff r <= 1)")
+            ax.axvline(1.0, color="black", lw=0.9, zorder=1)
+            handles.append(Line2D([], [], color="black", lw=0.9,
+                                  label=r"$r = 1$: $A(t) = \int_0^t \alpha(s)\,ds$ diverges" "\n"
+                                  r"iff $r \leq 1$"))
             grid = dict(spec.get("grid", []))
             a0 = grid.get("alpha", [spec.get("alpha")])[0]
             b0 = grid.get("beta", [spec.get("beta")])[0]
-            ea, eb = ("r", "r") if xname == "r" else ("r_alpha", "r_beta")
-            desc += (f"\nalpha(t) = {a0:g} (1 + t/{spec.get('t0'):g})^(-{ea}), "
-                     f"beta(t) = {b0:g} (1 + t/{spec.get('t0'):g})^(-{eb})"
-                     + (f", r_alpha = {spec.get('r_alpha'):g}" if xname == "r_beta" else "")
-                     + (f", r_beta = {spec.get('r_beta'):g}" if xname == "r_alpha" else ""))
-        ax.set_xlabel(xname)
-        ax.set_ylabel(label if value.startswith("p_") else value)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            t0 = spec.get("t0", 1.0)
+            if xname == "r":
+                ea, eb = ("r", True), ("r", True)
+            else:
+                ea = (r"r_\alpha", xname == "r_alpha")
+                eb = (r"r_\beta", xname == "r_beta")
+            desc += ("\n" + _schedule_tex(r"\alpha", a0, ea[0], spec.get("r_alpha", 0.0), t0, ea[1])
+                     + ", " + _schedule_tex(r"\beta", b0, eb[0], spec.get("r_beta", 0.0), t0, eb[1]))
+        ax.set_xlabel(_PARAM_LABELS.get(xname, xname))
+        ax.set_ylabel(vlabel)
+        if prob:
+            ax.set_ylim(-0.04, 1.04)
+        legend_outside(fig, handles, where="bottom", ncol=4)
+        fig.suptitle(title or desc)
     else:
         raise ValueError(f"plot_phase draws sweeps over one or two parameters; this one sweeps {names}")
-    fig.suptitle(title or desc, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_neural_collapse(summary, path, title: Optional[str] = None) -> str:
+_NC_PANELS = [
+    ("nc1", "NC1: within-class variability", r"$\mathrm{Tr}(\Sigma_W \Sigma_B^+)/K$", True),
+    ("etf_angle", "NC2: angles of a simplex ETF", r"mean $|\cos\theta_{kl} + 1/(K-1)|$", True),
+    ("equinorm", "NC2: equal norms", r"CV of $\|\mu_k - \mu_G\|$", True),
+    ("nc3", "NC3: self-duality with the read-out", r"$\|W^\top/\|W\| - M/\|M\|\|^2$", False),
+    ("nc4", "NC4: nearest-class-centre rule", r"fraction argmax $\neq$ nearest mean", False),
+    ("loss", "Training cross-entropy", "cross-entropy of the logits", True),
+]
+
+
+@styled
+def plot_neural_collapse(summary, path, title: Optional[str] = None,
+                         formats: Optional[Sequence[str]] = None) -> str:
     """NC1, NC2 (ETF angle, equinorm), NC3, NC4 and the training loss against time, one line per
     case. ``summary``: columns ``case``, ``t``, ``nc1``, ``etf_angle``, ``equinorm``,
     ``equiangularity``, ``nc3``, ``nc4``, ``loss`` (e.g. medians of
-    :func:`lesde.phase.collapse_over_time` over runs)."""
-    plt = _plt()
-    panels = [("nc1", "NC1 = Tr(S_W S_B^+)/K", True), ("etf_angle", "NC2: mean |cos + 1/(K-1)|", True),
-              ("equinorm", "NC2: equinorm (CV of |mu_k - mu_G|)", True),
-              ("nc3", "NC3: |W^T/|W| - M/|M||^2 (W = centred I)", False),
-              ("nc4", "NC4: argmax != nearest class mean", False),
-              ("loss", "training cross-entropy of the logits", True)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (col, lab, logy) in zip(axes.ravel(), panels):
+    :func:`lesde.phase.collapse_over_time` over runs). NC3 is measured against the centred
+    identity read-out of the logits (Papyan, Han & Donoho, PNAS 2020).
+
+    ``formats``: further formats written beside ``path``; returns ``path``."""
+    fig = new_figure(FULL_WIDTH, 5.0)
+    axes = fig.subplots(2, 3, sharex=True)
+    for ax, (col, head, ylab, logy) in zip(axes.ravel(), _NC_PANELS):
         for i, (case, g) in enumerate(summary.groupby("case", sort=False)):
             g = g[g["t"] > 0]
-            ax.plot(g["t"], g[col], color=_PALETTE[i % 10], lw=1.8, label=case)
+            ax.plot(g["t"], g[col], color=color(i), lw=1.5, label=mathify(case))
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
-        ax.set_title(lab, fontsize=9)
-        ax.set_xlabel("time t")
-    axes[0, 0].legend(fontsize=8)
+        ax.set_title(head)
+        ax.set_ylabel(ylab)
+    for ax in axes[1]:
+        ax.set_xlabel(r"time $t$ (steps $\times$ learning rate)")
+    legend_outside(fig, where="bottom", ncol=4)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+        fig.suptitle(mathify(title))
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_feature_clouds(cases: Dict[str, "object"], path, run: int = 0, subtitle: str = "") -> str:
+@styled
+def plot_feature_clouds(cases: Dict[str, "object"], path, run: int = 0, subtitle: str = "",
+                        formats: Optional[Sequence[str]] = None) -> str:
     """Feature clouds at every save time (columns) for each case (rows; title -> Solution with
     full states): samples minus the grand mean, projected on the plane of the class means at
     that time (:func:`class_mean_plane`); class means as large markers. Panel titles give the
-    training loss and accuracy of the logits when p = K."""
-    plt = _plt()
+    training loss and accuracy of the logits when p = K.
+
+    ``formats``: further formats written beside ``path``; returns ``path``."""
+    from matplotlib.lines import Line2D
+
     first = next(iter(cases.values()))
     T = first.ts.shape[0]
-    fig, axes = plt.subplots(len(cases), T, figsize=(3.3 * T, 3.2 * len(cases)), squeeze=False)
+    fig = new_figure(FULL_WIDTH, 1.95 * len(cases) + 1.1)
+    axes = fig.subplots(len(cases), T, squeeze=False)
+    K = 0
     for r, (title, sol) in enumerate(cases.items()):
         y = sol.labels
-        K = int(y.max()) + 1
+        K = max(K, int(y.max()) + 1)
         for c in range(T):
             ax = axes[r, c]
             X = sol.states[c, run]
             if not np.isfinite(X).all():
-                ax.set_title(f"t = {sol.ts[c]:g}: overflowed", fontsize=8)
+                ax.set_title(f"$t = {sol.ts[c]:g}$: overflowed")
                 continue
             means = sol.class_means[c, run]
             grand = means.mean(0)
             _, basis = class_mean_plane(means)
             pts = (X - grand) @ basis
             mp = (means - grand) @ basis
-            for k in range(K):
+            for k in range(int(y.max()) + 1):
                 sel = y == k
-                ax.scatter(pts[sel, 0], pts[sel, 1], s=7, color=_PALETTE[k % 10], alpha=0.6,
-                           edgecolors="none", label=f"class {k}" if c == 0 else None)
-                ax.scatter(mp[k, 0], mp[k, 1], s=70, color=_PALETTE[k % 10], marker="X",
-                           edgecolors="k", linewidths=0.6, zorder=3)
+                ax.scatter(pts[sel, 0], pts[sel, 1], s=5, color=color(k), alpha=0.7,
+                           edgecolors="none", zorder=2)
+                ax.scatter(mp[k, 0], mp[k, 1], s=45, color=color(k), marker="X",
+                           edgecolors="black", linewidths=0.6, zorder=3)
             extra = ""
             if X.shape[1] == K:
                 loss, acc = training_loss_curve(X[None, None], y)
-                extra = f"\nloss {float(loss[0, 0]):.3g}, acc {float(acc[0, 0]):.2f}"
-            ax.set_title(f"t = {sol.ts[c]:g}{extra}", fontsize=8)
+                extra = f"\nloss {float(loss[0, 0]):.3g}, accuracy {float(acc[0, 0]):.2f}"
+            ax.set_title(f"$t = {sol.ts[c]:g}${extra}", fontsize=7.5)
             ax.set_aspect("equal", adjustable="datalim")
-            ax.tick_params(labelsize=6)
-        axes[r, 0].set_ylabel(title, fontsize=8)
-        axes[r, 0].legend(fontsize=6, loc="best")
-    fig.suptitle("samples minus grand mean, projected on the plane of the class means (X: class means)"
-                 + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+            ax.tick_params(labelsize=6.5)
+        label = mathify(title).replace(": ", ":\n", 1)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("class-mean plane, axis 1", fontsize=7.5)
+    handles = [Line2D([], [], ls="none", marker="o", ms=4, color=color(k), label=f"class {k}")
+               for k in range(K)]
+    handles.append(Line2D([], [], ls="none", marker="X", ms=7, color="0.6", mec="black", mew=0.6,
+                          label="class mean"))
+    legend_outside(fig, handles, where="bottom", ncol=K + 1)
+    fig.suptitle("Samples minus the grand mean, projected on the plane of the class means"
+                 + (f"\n{mathify(subtitle)}" if subtitle else ""))
+    return save_figure(fig, path, formats)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Figure commands: `figures all` recreates every committed theory figure, default outputs stay
+out of the repository's figures/, committed figures are not replaced without --overwrite, the
+committed tables redraw, and the command-line core (defaults in help, negative ranges, options
+after a sub-job)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from lesde.cli import _GALLERY, _table_spec, build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = os.path.join(REPO, "figures")
+
+
+@pytest.mark.slow
+def test_figures_all_small_recreates_every_committed_theory_figure(tmp_path, capsys):
+    out = tmp_path / "all"
+    assert main(["figures", "all", "--small", "--out", str(out), "--formats", "png",
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    committed_png = {f[:-4] for f in os.listdir(FIGURES) if f.endswith(".png")}
+    committed_csv = {f for f in os.listdir(FIGURES) if f.endswith((".csv", ".spec.json"))}
+    made = set(os.listdir(out))
+    assert {f"{name}.png" for name in committed_png} <= made
+    assert committed_csv <= made
+    assert committed_png == {name for name, *_ in _GALLERY}
+    for name in committed_png:
+        assert (out / f"{name}.png").stat().st_size > 10_000
+        assert f"wrote {out / name}.png" in text
+    assert "figures all: finished" in text
+    # the sweeps are kept (resumable) beside the figures, not in them
+    assert (out / "sweeps-small" / "phase_ce_K3" / "table.csv").exists()
+    spec = json.loads((out / "phase_ce_K3.spec.json").read_text())["spec"]
+    np.testing.assert_allclose(dict(spec["grid"])["alpha"], [0.2, 0.6, 1.0])
+    assert spec["replicates"] == 2
+
+
+def test_figure_command_writes_to_lesde_figures_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["figures", "clouds", "--cases", "1,0.2", "--times", "0,3", "--n", "4",
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    for ext in ("png", "pdf", "svg"):
+        path = os.path.join("lesde_figures", f"clouds_ce_K3.{ext}")
+        assert os.path.getsize(tmp_path / path) > 1000
+        assert f"wrote {path}" in text
+    assert "alpha = 1, beta = 0.2: loss" in text  # the headline numbers
+
+
+def _fake_repository(tmp_path):
+    (tmp_path / "lesde").mkdir()
+    (tmp_path / "lesde" / "__init__.py").write_text("")
+    (tmp_path / "setup.cfg").write_text("")
+    (tmp_path / "figures").mkdir()
+    png = tmp_path / "figures" / "clouds.png"
+    png.write_bytes(b"committed")
+    return png
+
+
+def test_committed_figures_are_not_replaced_without_overwrite(tmp_path, capsys):
+    png = _fake_repository(tmp_path)
+    args = ["figures", "clouds", "--cases", "1,0.2", "--times", "0,2", "--n", "4", "--formats", "png",
+            "--out", str(png)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "committed" in err and "--overwrite" in err and "Traceback" not in err
+    assert png.read_bytes() == b"committed"
+    assert main(args + ["--overwrite"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # a new file in figures/ is not a replacement; outside a repository nothing is protected
+    assert main(args[:-1] + [str(tmp_path / "figures" / "new.png")]) == 0
+    other = tmp_path / "elsewhere" / "figures"
+    other.mkdir(parents=True)
+    (other / "c.png").write_bytes(b"x")
+    assert main(args[:-1] + [str(other / "c.png")]) == 0
+
+
+def test_figures_all_into_the_repository_refuses_before_any_work(tmp_path, capsys):
+    before = {f: os.path.getmtime(os.path.join(FIGURES, f)) for f in os.listdir(FIGURES)}
+    rc = main(["figures", "all", "--small", "--only", "clouds_ce_K3,nc_ce_K4", "--out", FIGURES,
+               "--sweeps", str(tmp_path / "sweeps")])
+    assert rc == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert {f: os.path.getmtime(os.path.join(FIGURES, f)) for f in os.listdir(FIGURES)} == before
+    assert main(["figures", "all", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown figure" in capsys.readouterr().err
+
+
+def test_phase_figure_redraws_a_committed_table(tmp_path, capsys):
+    csv = os.path.join(FIGURES, "phase_decay_imodel_K3.csv")
+    out = tmp_path / "decay.png"
+    assert main(["figures", "phase", csv, "--out", str(out), "--formats", "png", "--theory-c", "5"]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 10_000 and f"wrote {out}" in text
+    assert "T = 100: P(separable: NCC accuracy 1)" in text
+    # the specification comes from the .spec.json beside the table, else from its columns
+    import pandas as pd
+
+    table = pd.read_csv(csv)
+    spec = _table_spec(table, csv)
+    assert spec["comoving"] is False and spec["sigma"] == 0.1 and spec["replicates"] == 16
+    copy = tmp_path / "t.csv"
+    shutil.copy(csv, copy)
+    guessed = _table_spec(table, str(copy))
+    assert [name for name, _ in guessed["grid"]] == [name for name, _ in spec["grid"]] == ["r_alpha"]
+    np.testing.assert_allclose(guessed["grid"][0][1], spec["grid"][0][1], rtol=1e-6)  # CSV: 6 digits
+    assert guessed["alpha"] == 1.5 and guessed["replicates"] == 16 and guessed["sigma"] == 0.1
+    (tmp_path / "t.spec.json").write_text("{}")
+    assert main(["figures", "phase", str(copy), "--out", str(out), "--formats", "png"]) == 2
+    assert "not a sweep specification" in capsys.readouterr().err
+
+
+def test_negative_values_and_ranges_are_values():
+    p = build_parser()
+    args = p.parse_args(["phase", "--gap", "-0.3:0.3:3", "--beta", "-1", "--alpha=-2,1", "-o", "x"])
+    assert args.gap == [-0.3, 0.0, 0.3] and args.beta == [-1.0] and args.alpha == [-2.0, 1.0]
+    args = p.parse_args(["simulate", "--alpha", "-1,0.5", "--sigma", "-.5", "--seed", "-1"])
+    np.testing.assert_array_equal(args.alpha, [-1.0, 0.5])
+    assert args.sigma == -0.5 and args.seed == -1
+    with pytest.raises(SystemExit):  # a flag takes no value, negative or not
+        p.parse_args(["phase", "--no-lp", "-1", "-o", "x"])
+
+
+def test_negative_gap_sweep_end_to_end(tmp_path, capsys):
+    rc = main(["phase", "--gap", "-0.2:0.2:3", "--beta", "0.5", "--times", "4", "--saves", "3",
+               "--n", "4", "--replicates", "1", "--no-progress", "-o", str(tmp_path / "s")])
+    assert rc == 0 and "finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a bad negative range is reported as a bad range
+        main(["phase", "--gap", "-0.2:0.2:x", "-o", str(tmp_path / "t")])
+    assert "--gap: a range is START:STOP:COUNT of numbers" in capsys.readouterr().err
+
+
+def test_options_of_a_command_are_accepted_after_its_job():
+    p = build_parser()
+    for argv in (["elasticity", "torus", "--out", "D", "--seed", "3"],
+                 ["elasticity", "--out", "D", "torus", "--seed", "3"],
+                 ["elasticity", "--seed", "3", "torus", "--out=D"]):
+        args = p.parse_args(argv)
+        assert (args.out, args.seed, args.job) == ("D", 3, "torus"), argv
+    args = p.parse_args(["elasticity", "--out", "A", "torus", "--out", "B"])
+    assert args.out == "B"  # the last one given wins, as anywhere else
+    args = p.parse_args(["elasticity", "torus"])
+    assert args.out == "elasticity_out" and args.seed == 0 and args.threads is None
+
+
+def test_help_shows_defaults_and_figure_options_all_have_help(capsys):
+    from lesde.cli import _subparsers_of
+
+    with pytest.raises(SystemExit):
+        main(["figures", "clouds", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines are wrapped
+    assert "(default: 0,25,100,400)" in text and "(default: 1,0.2;1,1;0.5,1)" in text
+    with pytest.raises(SystemExit):
+        main(["elasticity", "torus", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: 2000" in text and "--out OUT" in text and "(default: elasticity_out)" in text
+    top = _subparsers_of(build_parser())
+    figure_parsers = [top.choices["demo"]] + list(_subparsers_of(top.choices["figures"]).choices.values())
+    for parser in figure_parsers:
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
