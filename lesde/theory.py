@@ -341,10 +341,16 @@ def mean_transition(impacts: Impacts, labels, field, p: int, t0: float, t1: floa
       ``|C delta| <= 1/2`` from one matrix exponential of the block matrix
       ``[[-C, sigma^2 Q], [0, C^T]] delta`` (Van Loan, IEEE TAC 1978), then k doublings
       ``Phi <- Phi Phi``, ``L <- sqrt(Phi L L^T Phi^T + L L^T)`` carried out on the square
-      root L of V by QR factorisations, so V is never formed and modes that grow at very
-      different rates (the I-model's grand mean vs its centred means) each keep their precision.
+      root L of V by QR factorisations. V itself is never formed, so it cannot overflow while
+      the state is still finite (V ~ exp(2 lambda t) would overflow float64 at half the growth
+      the state survives: the non-co-moving I-model with alpha = beta = 1 at t = 400).
     * Time-varying E or sigma: the matrix ODEs ``Phi' = C Phi``,
-      ``V' = C V + V C^T + sigma^2 Q`` integrated by DOP853 (relative tolerance ``rtol``).
+      ``V' = C V + V C^T + sigma^2 Q`` integrated by DOP853 (relative tolerance ``rtol``);
+      here V is formed, so a mode whose variance exceeds 1.8e308 is reported as overflow.
+
+    Precision: in class-mean coordinates a slow mode riding on a fast one (the I-model's centred
+    means on its grand mean) is resolved to about 1e-16 times the fast mode's size, as in the
+    state itself; the co-moving frame of :mod:`lesde.phase` removes the fast mode.
 
     Batched impacts / sigma give one transition per batch entry (rows that share their
     parameters, e.g. the replicates of a sweep, are computed once). Entries that overflow float64
