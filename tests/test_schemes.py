@@ -269,3 +269,29 @@ def test_two_point_on_cuda():
     sol = simulate(sde, initial_state(4, 150, 3, device="cuda"), [0.0, 1.0], 0.1, seed=0,
                    increments="rademacher")
     assert np.isfinite(sol.states).all() and sol.params["device"].startswith("cuda")
+
+
+def test_command_line_options(tmp_path, capsys):
+    from lesde import Solution
+    from lesde.cli import main
+
+    out = tmp_path / "s.npz"
+    assert main(["simulate", "--K", "3", "--n", "10", "--T", "20", "--dt", "0.5", "--saves", "3",
+                 "--increments", "rademacher", "--no-progress", "-o", str(out)]) == 0
+    assert "two-point increments" in capsys.readouterr().out
+    assert Solution.load(out).params["increments"] == "rademacher"
+    assert main(["simulate", "--K", "3", "--n", "10", "--T", "20", "--saves", "3", "--drift", "identity",
+                 "--noise", "additive", "--sigma", "0.1", "--method", "exact", "--no-progress",
+                 "-o", str(out)]) == 0
+    assert "exact sampling" in capsys.readouterr().out
+    assert Solution.load(out).params["method"] == "exact"
+    # a combination that cannot work is one clear line
+    assert main(["simulate", "--K", "3", "--n", "5", "--method", "exact", "--no-progress", "-o", str(out)]) == 2
+    assert "linear models only" in capsys.readouterr().err
+    for extra in (["--method", "exact", "--drift", "identity", "--noise", "additive", "--sigma", "0.1",
+                   "--comoving"], ["--increments", "rademacher"]):
+        d = tmp_path / extra[1]
+        assert main(["phase", "--alpha", "0.3,1", "--beta", "0.5", "--n", "10", "--times", "20",
+                     "--saves", "3", "--replicates", "2", "--no-lp", "--no-progress", "-o", str(d)] + extra) == 0
+        cfg = (d / "config.json").read_text()
+        assert f'"{extra[0][2:]}": "{extra[1]}"' in cfg
