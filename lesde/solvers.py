@@ -544,13 +544,16 @@ def _simulate_exact(sde: LESDE, x0, ts, gen, record, progress, draw_dtype) -> So
     pbar = _progress(T - 1, progress, "lesde simulate (exact)")
     for i in range(T - 1):
         t0, t1 = float(ts[i]), float(ts[i + 1])
-        tr = cache.get(t1 - t0) if constant else None
+        # intervals of equal length share a transition; lengths equal to 12 digits count as
+        # equal (save grids from linspace differ in the last bits), an error of 1e-12 in time
+        key = float(f"{t1 - t0:.12g}")
+        tr = cache.get(key) if constant else None
         if tr is None:
             tr = mean_transition(sde.impacts, labels, sde.field, p, t0, t1, sigma)
             tr = tuple(torch.as_tensor(a, dtype=torch.float64, device=device)
                        for a in (tr.phi, tr.chol, tr.within_var)) + (tr.per_coordinate,)
             if constant:
-                cache[t1 - t0] = tr
+                cache[key] = tr
         phi, chol, within, per_coordinate = tr
         if per_coordinate:                                              # (B|1, K, K) on each coordinate
             z = torch.randn(B, p, K, generator=gen, dtype=torch.float64, device=device)
