@@ -21,7 +21,9 @@ before the call; torch's peak allocation on CUDA).
 
 Per-step times are differences of runs of two lengths (set-up and recording cancel) divided by
 the difference in steps, from medians over --repeats repetitions, the variants interleaved so
-that a change in the machine's load hits them alike; the load average is recorded per row.
+that a change in the machine's load hits them alike; the load average is recorded per row. With
+one thread on the CPU the clock is the process's CPU time (time.process_time), which other
+processes on a shared machine inflate far less than the wall clock; otherwise the wall clock.
 
 Also: a batched 16 x 16 (alpha, beta) grid against a loop of single runs (--grid); the I-model
 phase sweep of figures/phase_imodel_K3.png stepped and sampled exactly (--sweep); the memory per
@@ -88,19 +90,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(variants: dict, repeats: int) -> dict:
+def _clock(cpu: bool):
+    """CPU time of this process (with one torch thread: the cost of the work itself, which
+    other processes on a shared machine inflate far less than the wall clock) or wall time."""
+    return time.process_time if cpu else time.perf_counter
+
+
+def _timed(variants: dict, repeats: int, cpu: bool) -> dict:
     """variants: name -> (run(S), s1, s2). Returns name -> ms per unit, from
     (median time of s2 units - median time of s1 units) / (s2 - s1); the variants are
     interleaved within each repetition."""
+    clock = _clock(cpu)
     times = {name: {s1: [], s2: []} for name, (_, s1, s2) in variants.items()}
     for name, (run, s1, _) in variants.items():
         run(s1)                                                        # warm-up
     for _ in range(repeats):
         for name, (run, s1, s2) in variants.items():
             for S in (s1, s2):
-                t0 = time.perf_counter()
+                t0 = clock()
                 run(S)
-                times[name][S].append(time.perf_counter() - t0)
+                times[name][S].append(clock() - t0)
     out = {}
     for name, (_, s1, s2) in variants.items():
         d = float(np.median(times[name][s2]) - np.median(times[name][s1]))
@@ -247,7 +256,7 @@ def bench_config(N, p, dtype, device, repeats, torchsde_max=2e7, extras_max=6e6)
             _sync(device)
 
         variants["dense"] = (dense, 1, 3) if N > 2000 else (dense, s1, s2)
-    ms = _timed(variants, repeats)
+    ms = _timed(variants, repeats, cpu=torch.get_num_threads() == 1 and device.type == "cpu")
     for name in ("native", "two_point", "torchsde", "torchsde_dt", "torchsde_plain", "dense", "draw",
                  "signs", "i_native", "i_two_point", "exact"):
         row[f"{name}_ms"] = ms.get(name)
@@ -271,6 +280,7 @@ def bench_config(N, p, dtype, device, repeats, torchsde_max=2e7, extras_max=6e6)
 
 def bench_grid(device, steps=200):
     """16 x 16 (alpha, beta) grid, K = 3, n = 50, CE drift, SGD noise: one batched run vs a loop."""
+    clock = _clock(torch.get_num_threads() == 1 and device.type == "cpu")
     K, n = 3, 50
     y = np.repeat(np.arange(K), n)
     a, b = np.meshgrid(np.linspace(0.2, 2.0, 16), np.linspace(0.2, 2.0, 16), indexing="ij")
@@ -279,15 +289,15 @@ def bench_grid(device, steps=200):
     ts = [0.0, steps * 0.5]
     out = {"grid": "16x16", "K": K, "n": n, "steps": steps, "load_before": load()}
     for inc in ("gaussian", "rademacher"):
-        t0 = time.perf_counter()
+        t0 = clock()
         sde = LESDE(y, Impacts.intra_inter(a, b, K), "cross_entropy", noise="sgd", lr=1.0)
         simulate(sde, x0, ts, 0.5, seed=1, record="summary", increments=inc)
-        out[f"batched_{inc}_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        out[f"batched_{inc}_s"] = clock() - t0
+    t0 = clock()
     for i in range(a.size):
         sde_i = LESDE(y, Impacts.intra_inter(a[i], b[i], K), "cross_entropy", noise="sgd", lr=1.0)
         simulate(sde_i, x0[i:i + 1], ts, 0.5, seed=1, record="summary")
-    out["loop_s"] = time.perf_counter() - t0
+    out["loop_s"] = clock() - t0
     out["speedup"] = out["loop_s"] / out["batched_gaussian_s"]
     out["load_after"] = load()
     return out
@@ -304,7 +314,7 @@ def _figure_spec(**kw):
     return PhaseSpec(**base)
 
 
-def _simulate_chunks(spec):
+def _simulate_chunks(spec, clock=time.perf_counter):
     """The simulations of a sweep alone (the set-up of lesde.phase._run_chunk, no scoring)."""
     from lesde.phase import _chunk_seeds, _impacts
 
@@ -320,12 +330,12 @@ def _simulate_chunks(spec):
                                 col("r_beta")), s["drift"], sigma=col("sigma"), noise=s["noise"], dim=K)
         seed_x0, seed_sim = _chunk_seeds(spec.seed, index)
         x0 = initial_state(len(pts), K * n, K, std=1.0, seed=seed_x0) * torch.as_tensor(col("init_std"))[:, None, None]
-        t0 = time.perf_counter()
+        t0 = clock()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             simulate(sde, x0, spec.save_times(), spec.dt, seed=seed_sim, record="full",
                      method=spec.method, increments=spec.increments)
-        total += time.perf_counter() - t0
+        total += clock() - t0
     return total
 
 
@@ -349,18 +359,19 @@ def bench_sweep():
     the exact sampler, simulations alone and the whole sweep (with its scoring and LP)."""
     from lesde.phase import run_sweep
 
+    clock = _clock(torch.get_num_threads() == 1)
     out = {"settings": "figures/phase_imodel_K3 (20x20 grid x 8 replicates, saves 41, dt 0.5)",
            "load_before": load()}
     specs = {"euler": _figure_spec(), "exact": _figure_spec(method="exact"),
              "exact_scoring_times": _figure_spec(method="exact", saves=2),
              "euler_two_point": _figure_spec(increments="rademacher")}
     for name, spec in specs.items():
-        out[f"simulate_{name}_s"] = _simulate_chunks(spec)
+        out[f"simulate_{name}_s"] = _simulate_chunks(spec, clock)
     tables = {}
     for name in ("euler", "exact", "exact_scoring_times"):
-        t0 = time.perf_counter()
+        t0 = clock()
         tables[name] = run_sweep(specs[name])
-        out[f"sweep_{name}_s"] = time.perf_counter() - t0
+        out[f"sweep_{name}_s"] = clock() - t0
     for name in ("exact", "exact_scoring_times", "euler_two_point"):
         out[f"simulate_speedup_{name}"] = out["simulate_euler_s"] / out[f"simulate_{name}_s"]
     for name in ("exact", "exact_scoring_times"):
@@ -428,7 +439,9 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['threads']} torch thread(s), torch {m['torch']}, "
              f"torchsde {m['torchsde']}, Python {m['python']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
              + f"; load average at start {m.get('load_start')}, at end {m.get('load_end')}; "
-             f"medians of {m.get('repeats')} repeats.", ""]
+             f"medians of {m.get('repeats')} repeats; times are "
+             + ("CPU time of the benchmark process (one thread)" if m.get("clock") == "cpu" else "wall-clock")
+             + ".", ""]
     if results.get("steps"):
         lines += ["Cross-entropy drift, ms per step:", "",
                   "| dtype | N | p | native | two-point | torchsde | torchsde (dt=) | plain drift | dense "
@@ -528,7 +541,8 @@ def main(argv=None):
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "torchsde": torchsde.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-               "repeats": args.repeats, "load_start": load()}
+               "repeats": args.repeats, "load_start": load(),
+               "clock": "cpu" if torch.get_num_threads() == 1 and device.type == "cpu" else "wall"}
     print(json.dumps(machine), flush=True)
     results = {"format": 2, "machine": machine, "steps": [], "skipped": []}
 

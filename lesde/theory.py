@@ -278,13 +278,16 @@ def _psd_sqrt(V: np.ndarray) -> np.ndarray:
     gives V = 0). Non-finite matrices give NaN."""
     out = np.full(V.shape, np.nan)
     ok = np.isfinite(V).reshape(V.shape[0], -1).all(1)
-    for b in np.flatnonzero(ok):
-        v = 0.5 * (V[b] + V[b].T)
-        try:
-            out[b] = np.linalg.cholesky(v)
-        except np.linalg.LinAlgError:
-            lam, U = np.linalg.eigh(v)
-            out[b] = U * np.sqrt(np.clip(lam, 0.0, None))
+    sym = 0.5 * (V[ok] + np.swapaxes(V[ok], 1, 2))
+    try:
+        out[ok] = np.linalg.cholesky(sym)
+    except np.linalg.LinAlgError:
+        for b, v in zip(np.flatnonzero(ok), sym):
+            try:
+                out[b] = np.linalg.cholesky(v)
+            except np.linalg.LinAlgError:
+                lam, U = np.linalg.eigh(v)
+                out[b] = U * np.sqrt(np.clip(lam, 0.0, None))
     return out
 
 
