@@ -139,7 +139,7 @@ def _child_memory(spec: dict) -> dict:
 
     def run():
         x = make_x0() if x0 is None else x0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if kind in ("native", "two_point"):
             simulate(ce, x, np.linspace(0.0, S * dt, spec["saves"]), dt, seed=1, record=spec["record"],
                      increments="rademacher" if kind == "two_point" else "gaussian")
@@ -153,11 +153,11 @@ def _child_memory(spec: dict) -> dict:
                 torchsde.sdeint(ce, x.reshape(1, -1), torch.tensor([0.0, S * dt], dtype=dtype, device=device),
                                 method="euler", dt=dt)
         _sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     seconds = []
     peak = peak_memory(lambda: seconds.append(run()), device)
-    return {"peak_bytes": peak, "seconds": seconds[0]}
+    return {"peak_bytes": peak, "seconds": seconds[0][0], "cpu_seconds": seconds[0][1]}
 
 
 def _peak_mib(**spec):
@@ -171,7 +171,23 @@ def _peak_mib(**spec):
         return {"peak_mib": None, "error": proc.stderr.strip().splitlines()[-1:]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"peak_mib": None if out["peak_bytes"] is None else out["peak_bytes"] / MiB,
-            "seconds": out["seconds"]}
+            "seconds": out["seconds"], "cpu_seconds": out.get("cpu_seconds")}
+
+
+def bench_long_run(device, N=1_000_000, p=10, steps=200):
+    """One run at N = 10^6, p = 10 (cross-entropy drift, additive noise, float32, 11 saves,
+    record="summary"), initial state included: its peak memory and time per step, for both
+    increments; and the exact sampler on the I-model of the same size over the same 11 saves."""
+    out = {"N": N, "p": p, "steps": steps, "saves": 11, "load_before": load()}
+    for kind, units in (("native", steps), ("two_point", steps), ("exact", 10)):
+        res = _peak_mib(N=N, p=p, dtype="float32", device=str(device), kind=kind, units=units, saves=11,
+                        record="summary", include_x0=True)
+        res["ms_per_unit_wall"] = 1e3 * res["seconds"] / units
+        if res.get("cpu_seconds") is not None:
+            res["ms_per_unit_cpu"] = 1e3 * res["cpu_seconds"] / units
+        out[kind] = res
+    out["load_after"] = load()
+    return out
 
 
 def bench_config(N, p, dtype, device, repeats, torchsde_max=2e7, extras_max=6e6):
@@ -433,8 +449,30 @@ def _x(v, d=1):
     return "-" if v is None else f"{v:.{d}f}x"
 
 
+def _markdown_v1(results: dict) -> str:
+    """Tables of a results file of the first format (native, torchsde, dense, draw floor)."""
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['threads']} torch threads, torch {m['torch']}, "
+             f"torchsde {m['torchsde']}, Python {m['python']}.", "",
+             "| K | N | p | native ms | torchsde ms | torchsde (dt=) ms | torchsde, plain drift ms | dense ms "
+             "| draw floor ms | torchsde / native | plain / native | native / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["steps"]:
+        lines.append(f"| {r['K']} | {r['N']:,} | {r['p']} | {_f(r['native_ms'])} | {_f(r['torchsde_ms'])} | "
+                     f"{_f(r['torchsde_dt_ms'])} | {_f(r.get('torchsde_plain_ms'))} | {_f(r['dense_ms'], 1)} | "
+                     f"{_f(r['draw_ms'])} | {_x(r['native_vs_torchsde'])} | "
+                     f"{_x(r.get('native_vs_torchsde_plain'))} | {_x(r['native_over_draw'], 2)} |")
+    g = results["grid"]
+    lines += ["", f"Batched {g['grid']} (alpha, beta) grid, K = {g['K']}, n = {g['n']}, {g['steps']} steps: "
+              f"one batched run {g['batched_s']:.2f} s, a Python loop of single runs {g['loop_s']:.1f} s: "
+              f"{g['speedup']:.0f}x."]
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     """The results of one run as the markdown tables of benchmarks/README.md."""
+    if results.get("format", 1) == 1:
+        return _markdown_v1(results)
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['threads']} torch thread(s), torch {m['torch']}, "
              f"torchsde {m['torchsde']}, Python {m['python']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
@@ -505,6 +543,18 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {k} | {e['bytes_per_sample']:.0f} (of which {e['working_bytes_per_sample']:.0f} "
                              f"working) | {e['max_N_24GiB_saves11']:.3g} (11 saves), {e['max_N_24GiB_saves41']:.3g} "
                              f"(41), {e['max_N_24GiB_saves201']:.3g} (201) |")
+    lr = results.get("long_run")
+    if lr:
+        lines += ["", f"One run at N = {lr['N']:,}, p = {lr['p']} (float32, record=\"summary\", {lr['saves']} saves, "
+                  f"initial state included):", "",
+                  "| scheme | wall s | ms per step / save (wall) | ms per step / save (CPU) | peak MiB |",
+                  "|---|---|---|---|---|"]
+        for kind, label in (("native", f"Euler, Gaussian, {lr['steps']} steps (CE drift)"),
+                            ("two_point", f"Euler, two-point, {lr['steps']} steps (CE drift)"),
+                            ("exact", "exact, 10 save intervals (I-model)")):
+            r = lr[kind]
+            lines.append(f"| {label} | {r['seconds']:.1f} | {r['ms_per_unit_wall']:.1f} | "
+                         f"{_f(r.get('ms_per_unit_cpu'), 1)} | {_f(r['peak_mib'], 0)} |")
     return "\n".join(lines)
 
 
@@ -524,6 +574,7 @@ def main(argv=None):
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--no-long-run", action="store_true", help="skip the one run at N = 10^6")
     ap.add_argument("--out", default="benchmarks/results_engine.json")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown tables of a results file and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -577,6 +628,10 @@ def main(argv=None):
     if not args.no_scale and not args.quick:
         results["scale"] = bench_scale(device)
         print(json.dumps(results["scale"]["fits"]), flush=True)
+        save()
+    if not args.no_long_run and not args.quick:
+        results["long_run"] = bench_long_run(device)
+        print(json.dumps(results["long_run"]), flush=True)
         save()
     save()
     print(f"wrote {args.out}")

@@ -386,7 +386,8 @@ def simulate(sde: LESDE, x0, ts, dt: Optional[float] = None, *, backend: str = "
     progress : show a progress bar.
     draw_dtype : dtype in which the native backend draws its Gaussian increments before adding
         them to the state (float32 by default: 3-4x cheaper in float64 runs; the increments are
-        exact Gaussians rounded to float32). Pass ``torch.float64`` for float64 draws.
+        exact Gaussians rounded to float32). Pass ``torch.float64`` for float64 draws. The exact
+        sampler draws its within-class Gaussians in it too.
     increments : "gaussian" (Euler-Maruyama) or "rademacher" (native Euler only): every
         Brownian increment of the step, additive and SGD noise alike, is ``+-sqrt(h)`` with
         probability 1/2, drawn 64 signs per random 64-bit word. Same mean, covariance and third
@@ -538,7 +539,7 @@ def _simulate_exact(sde: LESDE, x0, ts, gen, record, progress, draw_dtype) -> So
     labels = sde.labels.numpy()
     sigma = sde.sigma if sde.noise.additive else 0.0
     noisy = sde.noise.additive and not (sde.sigma.constant and not np.any(np.atleast_1d(sde.sigma(0.0))))
-    m = lay.class_sums(X.to(torch.float64)) / counts                     # (B, p, K), float64
+    m = lay.class_sums(X, dtype=torch.float64) / counts                 # (B, p, K), float64
     constant = sde.impacts.constant and (not sde.noise.additive or sde.sigma.constant)
     cache = {}                                                          # interval length -> transition
     pbar = _progress(T - 1, progress, "lesde simulate (exact)")
@@ -562,11 +563,11 @@ def _simulate_exact(sde: LESDE, x0, ts, gen, record, progress, draw_dtype) -> So
             z = torch.randn(B, K * p, 1, generator=gen, dtype=torch.float64, device=device)
             v = m.transpose(1, 2).reshape(B, K * p, 1)
             m_new = (torch.matmul(phi, v) + torch.matmul(chol, z)).view(B, K, p).transpose(1, 2)
-        current = lay.class_sums(X).to(torch.float64) / counts
+        current = lay.class_sums(X, dtype=torch.float64) / counts
         if noisy:
             s = within.sqrt().view(-1, 1, 1)
             Z = torch.randn(B, p, N, generator=gen, dtype=draw_dtype, device=device)
-            current = current + s * (lay.class_sums(Z).to(torch.float64) / counts)
+            current = current + s * (lay.class_sums(Z, dtype=torch.float64) / counts)
             X.addcmul_(Z if Z.dtype == dtype else Z.to(dtype), s.to(dtype))
         lay.add_per_class(X, (m_new - current).to(dtype))
         m = m_new
