@@ -114,6 +114,8 @@ def _timed(variants: dict, repeats: int, cpu: bool) -> dict:
     for name, (_, s1, s2) in variants.items():
         d = float(np.median(times[name][s2]) - np.median(times[name][s1]))
         out[name] = max(d, 1e-9) / (s2 - s1) * 1e3
+        d = float(np.min(times[name][s2]) - np.min(times[name][s1]))   # as timeit: the least disturbed
+        out[name + "_min"] = max(d, 1e-9) / (s2 - s1) * 1e3
     return out
 
 
@@ -174,7 +176,7 @@ def _peak_mib(**spec):
             "seconds": out["seconds"], "cpu_seconds": out.get("cpu_seconds")}
 
 
-def bench_long_run(device, N=1_000_000, p=10, steps=200):
+def bench_long_run(device, N=1_000_000, p=10, steps=200, check_N=None):
     """One run at N = 10^6, p = 10 (cross-entropy drift, additive noise, float32, 11 saves,
     record="summary"), initial state included: its peak memory and time per step, for both
     increments; and the exact sampler on the I-model of the same size over the same 11 saves."""
@@ -186,6 +188,12 @@ def bench_long_run(device, N=1_000_000, p=10, steps=200):
         if res.get("cpu_seconds") is not None:
             res["ms_per_unit_cpu"] = 1e3 * res["cpu_seconds"] / units
         out[kind] = res
+    if check_N:
+        # one point nearer the 24 GiB limit, as far as the per-process budget of a shared
+        # machine allows: measured against the per-sample memory of the scale fit
+        res = _peak_mib(N=check_N, p=p, dtype="float32", device=str(device), kind="native", units=2,
+                        saves=3, record="summary", include_x0=True)
+        out["check"] = {"N": check_N, **res}
     out["load_after"] = load()
     return out
 
@@ -276,6 +284,7 @@ def bench_config(N, p, dtype, device, repeats, torchsde_max=2e7, extras_max=6e6)
     for name in ("native", "two_point", "torchsde", "torchsde_dt", "torchsde_plain", "dense", "draw",
                  "signs", "i_native", "i_two_point", "exact"):
         row[f"{name}_ms"] = ms.get(name)
+        row[f"{name}_min_ms"] = ms.get(name + "_min")
     # peak memory of one run of each (s1 steps / saves), each in a fresh process
     kinds = ["native", "two_point", "exact"] + (["torchsde"] if with_torchsde else [])
     for name in kinds:
@@ -290,6 +299,9 @@ def bench_config(N, p, dtype, device, repeats, torchsde_max=2e7, extras_max=6e6)
     row["native_over_draw"] = r("native_ms", "draw_ms")
     row["two_point_over_signs"] = r("two_point_ms", "signs_ms")
     row["i_two_point_vs_native"] = r("i_native_ms", "i_two_point_ms")
+    row["two_point_vs_native_min"] = r("native_min_ms", "two_point_min_ms")
+    row["two_point_vs_torchsde_min"] = r("torchsde_min_ms", "two_point_min_ms")
+    row["i_two_point_vs_native_min"] = r("i_native_min_ms", "i_two_point_min_ms")
     row["load_after"] = load()
     return row
 
@@ -555,6 +567,13 @@ def markdown(results: dict) -> str:
             r = lr[kind]
             lines.append(f"| {label} | {r['seconds']:.1f} | {r['ms_per_unit_wall']:.1f} | "
                          f"{_f(r.get('ms_per_unit_cpu'), 1)} | {_f(r['peak_mib'], 0)} |")
+        c = lr.get("check")
+        fit = (results.get("scale") or {}).get("fits", {}).get("float32/euler/summary")
+        if c and c.get("peak_mib") is not None:
+            pred = "" if not fit else (f"; the per-sample fit predicts "
+                                       f"{(fit['intercept_mib'] + fit['bytes_per_sample'] * c['N'] / MiB):.0f} MiB")
+            lines += ["", f"Check at N = {c['N']:,} (float32, CE drift, Euler, record=\"summary\"): peak "
+                      f"{c['peak_mib']:.0f} MiB{pred}."]
     return "\n".join(lines)
 
 
@@ -563,7 +582,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="only N = 50,000, p = 10, float32, and the grid")
+    ap.add_argument("--quick", action="store_true", help="only N = 50,000, p = 10 (the goals' row), and the grid")
     ap.add_argument("--sizes", default="1000,10000,50000,100000,1000000", help="N values (comma list)")
     ap.add_argument("--dims", default="10,128", help="p values (comma list)")
     ap.add_argument("--dtypes", default="float32,float64")
@@ -575,6 +594,8 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--no-long-run", action="store_true", help="skip the one run at N = 10^6")
+    ap.add_argument("--check-n", type=int, default=None,
+                    help="also measure the peak memory of one summary run at this N (float32, p = 10)")
     ap.add_argument("--out", default="benchmarks/results_engine.json")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown tables of a results file and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -604,7 +625,7 @@ def main(argv=None):
 
     if not args.no_steps:
         if args.quick:
-            configs = [(50_000, 10, torch.float32)]
+            configs = [(50_000, 10, getattr(torch, d)) for d in args.dtypes.split(",")]
         else:
             configs = [(N, p, getattr(torch, d)) for d in args.dtypes.split(",") for p in map(int, args.dims.split(","))
                        for N in map(int, args.sizes.split(","))]
@@ -629,8 +650,8 @@ def main(argv=None):
         results["scale"] = bench_scale(device)
         print(json.dumps(results["scale"]["fits"]), flush=True)
         save()
-    if not args.no_long_run and not args.quick:
-        results["long_run"] = bench_long_run(device)
+    if not args.no_long_run and (not args.quick or args.check_n):
+        results["long_run"] = bench_long_run(device, check_N=args.check_n)
         print(json.dumps(results["long_run"]), flush=True)
         save()
     save()
