@@ -212,7 +212,12 @@ def _add_model_args(p, K=3, n=50, T=400.0, dt=0.5, noise="sgd", lr=1.0, sigma=0.
     s.add_argument("--saves", type=int, default=41, help="number of save times (default %(default)s)")
     s.add_argument("--runs", type=int, default=1, help="independent runs per parameter point")
     s.add_argument("--backend", default="native", choices=["native", "torchsde"])
-    s.add_argument("--method", default="euler", help="torchsde method (backend torchsde)")
+    s.add_argument("--method", default="euler",
+                   help="euler (default); exact (identity / label_projection drift with additive noise: "
+                   "exact sampling at the save times, no steps); or a torchsde method with --backend torchsde")
+    s.add_argument("--increments", default="gaussian", choices=["gaussian", "rademacher"],
+                   help="Brownian increments of the native Euler scheme: gaussian, or rademacher "
+                   "(two-point +-sqrt(dt): weak order 1, cheaper, not Brownian paths)")
     s.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int, default=0)
@@ -269,7 +274,8 @@ def _simulate_from_args(args, record="full"):
         raise ValueError("batched alpha/beta/sigma with --runs > 1: give one or the other")
     ts = np.linspace(0.0, args.T, max(2, args.saves))
     return sde, simulate(sde, x0, ts, args.dt, backend=args.backend, method=args.method, seed=args.seed,
-                         record=record, dtype=dtype, device=args.device, progress=not args.no_progress)
+                         record=record, dtype=dtype, device=args.device, progress=not args.no_progress,
+                         increments=args.increments)
 
 
 def _summary_lines(sde, sol):
@@ -313,8 +319,10 @@ def _run_simulate(args):
     sde, sol = _simulate_from_args(args, record=args.record)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     args.output = sol.save(args.output)
+    scheme = ("exact sampling" if args.method == "exact" else
+              f"dt = {args.dt:g}" + (", two-point increments" if args.increments == "rademacher" else ""))
     print(f"simulated {sol.num_runs} run(s): N = {sde.N}, K = {sde.K}, p = {sde.p}, {args.drift} drift, "
-          f"{args.noise} noise, T = {args.T:g}, dt = {args.dt:g} ({sol.params['wall_seconds']:.2f} s)")
+          f"{args.noise} noise, T = {args.T:g}, {scheme} ({sol.params['wall_seconds']:.2f} s)")
     if sol.states is not None:
         for line in _summary_lines(sde, sol):
             print(line)
@@ -772,6 +780,11 @@ def _add_phase(sub):
     m.add_argument("--comoving", action="store_true",
                    help="identity drift, additive noise: simulate in the frame of the grand mean")
     m.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    m.add_argument("--method", default="euler", choices=["euler", "exact"],
+                   help="euler: steps of --dt; exact: identity / label_projection drift with additive "
+                   "noise sampled exactly at the save times (no steps; cost set by --saves)")
+    m.add_argument("--increments", default="gaussian", choices=["gaussian", "rademacher"],
+                   help="Euler increments: gaussian, or rademacher (two-point, weak order 1, cheaper)")
     r = p.add_argument_group("running")
     r.add_argument("-o", "--out", required=True, help="sweep directory (config.json, chunks/, table.csv)")
     r.add_argument("--dask-scheduler", default=None, metavar="ADDRESS", help="run the chunks on this Dask scheduler")
@@ -807,7 +820,8 @@ def _phase_spec_from_args(args):
     return PhaseSpec(grid=grid, drift=args.drift, p=args.p, times=tuple(args.times), dt=args.dt,
                      saves=args.saves, replicates=args.replicates, seed=args.seed,
                      chunk_size=args.chunk_size, loss_threshold=args.loss_threshold,
-                     lp=not args.no_lp, comoving=args.comoving, dtype=args.dtype, **fixed)
+                     lp=not args.no_lp, comoving=args.comoving, dtype=args.dtype, method=args.method,
+                     increments=args.increments, **fixed)
 
 
 def _run_phase(args):

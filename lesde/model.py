@@ -533,11 +533,13 @@ class _Layout:
         """(B, p, N) class-sorted -> (B, N, p) in original order."""
         return x.transpose(1, 2).index_select(1, self.inverse)
 
-    def class_sums(self, g: torch.Tensor) -> torch.Tensor:
-        """Per-class sums over the last axis: (B, q, N) -> (B, q, K)."""
+    def class_sums(self, g: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Per-class sums over the last axis: (B, q, N) -> (B, q, K), accumulated (and returned)
+        in ``dtype`` if given (e.g. float64 sums of a float32 state without a float64 copy)."""
         if self.balanced:
-            return g.reshape(*g.shape[:-1], self.K, self.n).sum(-1)
-        return torch.stack([g[..., a:b].sum(-1) for a, b in zip(self.bounds[:-1], self.bounds[1:])], -1)
+            return g.reshape(*g.shape[:-1], self.K, self.n).sum(-1, dtype=dtype)
+        return torch.stack([g[..., a:b].sum(-1, dtype=dtype)
+                            for a, b in zip(self.bounds[:-1], self.bounds[1:])], -1)
 
     def add_per_class(self, x: torch.Tensor, v: torch.Tensor) -> None:
         """In place: x[..., j] += v[..., class of j]; x (B, p, N), v (B, p, K)."""

@@ -63,6 +63,14 @@ overflows) long before ``A - B`` is large near the diagonal. For balanced classe
 (exactly, path by path, for the same Brownian increments), so all translation-invariant
 measures (NCC accuracy, LP separability, NC1) are unchanged; ``E'`` has eigenvalue 0 on the
 all-ones direction, so nothing overflows.
+
+**Scheme** (``method``, ``increments``). ``method="euler"`` steps with ``dt``; with
+``increments="rademacher"`` its Brownian increments are two-point (``+-sqrt(dt)``), weak order 1
+like the Gaussian scheme and several times cheaper to draw (phase probabilities are
+distributional, so they need no Brownian paths). ``method="exact"`` (identity or
+label-projection drift with additive noise) samples the states at the save times exactly, with
+no steps and no ``dt`` bias: its cost is one Gaussian per coordinate per *save time*, so
+``saves`` sets it (see :func:`lesde.solvers.simulate`).
 """
 from __future__ import annotations
 
@@ -112,6 +120,10 @@ class PhaseSpec:
     lp : run the LP separability test (else ``sep_lp`` is NaN).
     comoving : simulate the I-model in the co-moving frame (module docstring).
     dtype : "float64" or "float32".
+    method : "euler" (steps of dt) or "exact" (linear drifts with additive noise; no steps).
+    increments : "gaussian" or "rademacher" (two-point increments, Euler only).
+        Both are left out of :meth:`to_dict` at their defaults, so sweeps written before these
+        options existed keep their configuration and digest (and resume).
     """
 
     grid: Tuple[Tuple[str, Tuple], ...]
@@ -138,6 +150,8 @@ class PhaseSpec:
     lp: bool = True
     comoving: bool = False
     dtype: str = "float64"
+    method: str = "euler"
+    increments: str = "gaussian"
 
     def __post_init__(self):
         grid = self.grid
@@ -221,6 +235,12 @@ class PhaseSpec:
             object.__setattr__(self, "p", int(self.p))
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+        if self.method not in ("euler", "exact"):
+            raise ValueError(f"method must be 'euler' or 'exact', got {self.method!r}")
+        if self.increments not in ("gaussian", "rademacher"):
+            raise ValueError(f"increments must be 'gaussian' or 'rademacher', got {self.increments!r}")
+        if self.method == "exact" and self.increments != "gaussian":
+            raise ValueError("increments='rademacher' is an option of the Euler scheme, not of method='exact'")
         self._check_plan_memory()
         for pt in self._structural_values():
             self._check_structure(pt)
@@ -297,12 +317,19 @@ class PhaseSpec:
         if self.comoving and (field.name != "identity" or s["noise"] != "additive"):
             raise ValueError("comoving=True is exact only for the identity drift with additive noise; "
                              f"got drift {s['drift']!r}, noise {s['noise']!r}")
+        if self.method == "exact" and (field.name not in ("identity", "label_projection")
+                                       or s["noise"] != "additive"):
+            raise ValueError("method='exact' samples the linear drifts (identity, label_projection) with "
+                             f"additive noise only; got drift {s['drift']!r}, noise {s['noise']!r}")
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = [[name, list(vals)] for name, vals in self.grid]
         d["times"] = list(self.times)
+        for name, default in (("method", "euler"), ("increments", "gaussian")):
+            if d[name] == default:  # older sweeps have no such field: same config, same digest
+                del d[name]
         return d
 
     @classmethod
@@ -421,7 +448,8 @@ def _run_chunk(spec_dict: dict, index: int, threads: Optional[int] = None):
     ts = spec.save_times()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sol = simulate(sde, x0, ts, spec.dt, seed=seed_sim, record="full", dtype=dtype)
+        sol = simulate(sde, x0, ts, spec.dt, seed=seed_sim, record="full", dtype=dtype,
+                       method=spec.method, increments=spec.increments)
     X = sol.states                                                     # (S, B, N, p)
     logits = sde.field.name == "cross_entropy"
     finite = np.isfinite(X).all(axis=(2, 3))                           # (S, B)

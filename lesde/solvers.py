@@ -12,6 +12,18 @@ r"""Solvers for the locally elastic SDE and the discrete process it approximates
   ``ts[i+1]``, so that given the same Brownian increments the native loop and torchsde's
   ``euler`` produce the same path (tested to float64 precision).
 
+  The native loop offers two-point increments (``increments="rademacher"``): each Brownian
+  increment is replaced by ``+-sqrt(dt)`` with probability 1/2, which matches the Gaussian's
+  first three moments, so the scheme keeps weak order 1 (Kloeden & Platen, *Numerical Solution
+  of SDEs*, 1992, section 14.2) while drawing one random bit per coordinate instead of a
+  Gaussian. Its paths are not Brownian paths: use it for distributions (phase sweeps, neural
+  collapse statistics, coverage studies), not for strong (pathwise) convergence.
+
+  ``method="exact"`` samples the linear models (identity and label-projection fields, additive
+  noise) exactly from recorded time to recorded time, without steps: the class means by their
+  Gaussian transition (:func:`lesde.theory.mean_transition`), the within-class deviations by
+  Brownian increments projected to zero class mean. O(N p) per recorded time.
+
 * :func:`simulate_feature_sgd` runs discrete one-sample (or minibatch) feature SGD:
   each step draws j' uniformly and moves every X_j by ``h E[y_j, y_j'] G(X_j', y_j')``; time
   advances by h per step. The SGD-noise SDE is its diffusion approximation.
@@ -374,6 +386,87 @@ class _Recorder:
         return bad
 
 
+# ============================================================================================
+# schemes: option checks, two-point increments
+# ============================================================================================
+_INCREMENTS = ("gaussian", "rademacher")
+
+
+def _check_scheme(sde: LESDE, backend: str, method: str, increments: str, brownian, dt) -> None:
+    """Validate the method / increments / backend combination once, before any work."""
+    if increments not in _INCREMENTS:
+        raise ValueError(f"increments must be 'gaussian' or 'rademacher', got {increments!r}")
+    if backend == "native" and method not in ("euler", "exact"):
+        raise ValueError(f"the native backend's method is 'euler' or 'exact', got {method!r} "
+                         f"(other methods need backend='torchsde')")
+    if backend == "torchsde" and method == "exact":
+        raise ValueError("method='exact' is a native sampler: use backend='native'")
+    if increments == "rademacher":
+        if backend != "native" or method != "euler":
+            raise ValueError("two-point (rademacher) increments are not Brownian increments: they work "
+                             "with the native Euler scheme only (backend='native', method='euler'), not "
+                             "with torchsde's solvers or the exact sampler")
+        if brownian is not None:
+            raise ValueError("two-point (rademacher) increments cannot use a Brownian object: give a "
+                             "seed or generator, or use increments='gaussian' with brownian=")
+    if method == "exact":
+        from .model import Identity, LabelProjection
+
+        if not isinstance(sde.field, (Identity, LabelProjection)):
+            raise ValueError(f"method='exact' samples the linear models only (identity or "
+                             f"label_projection field), not the {sde.field.name!r} field; use "
+                             f"method='euler'")
+        if sde.noise.sgd:
+            raise ValueError(f"method='exact' needs additive noise (or none); SGD sampling noise "
+                             f"(noise={sde.noise.kind!r}) makes the class means' diffusion depend on "
+                             f"the state: use method='euler'")
+        if brownian is not None:
+            raise ValueError("method='exact' draws its own Gaussians; it cannot use a Brownian object")
+    elif dt is None:
+        raise ValueError("dt (the step size) is required, except for method='exact'")
+
+
+_SIGN_TABLES = {}
+
+
+def _sign_table(dtype, device) -> torch.Tensor:
+    """(256, 8): row v holds the 8 bits of the byte v as signs, bit k -> +1 if set, else -1."""
+    key = (dtype, str(device))
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (2 * bits - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
+
+
+class _TwoPoint:
+    """Independent signs +-1 (probability 1/2 each) of a fixed shape, drawn in bulk.
+
+    One call of the generator fills 64-bit words (every bit uniform and independent); each
+    byte of a word is expanded into 8 signs by a 256 x 8 lookup table. Per sign that is 1/64
+    of a random draw and one table copy, instead of a Gaussian; measured the fastest of
+    torch.randint, shifts and masks on int64 or uint8, sign-bit injection, and the table
+    (benchmarks/README.md).
+    """
+
+    def __init__(self, shape, dtype, device, gen):
+        self.shape = tuple(shape)
+        numel = int(np.prod(self.shape))
+        words = max(1, -(-numel // 64))
+        self.gen = gen
+        self.table = _sign_table(dtype, device)
+        self.words = torch.empty(words, dtype=torch.int64, device=device)
+        self.index = torch.empty(8 * words, dtype=torch.int32, device=device)
+        self.out = torch.empty(64 * words, dtype=dtype, device=device)
+        self.view = self.out[:numel].view(self.shape)
+
+    def draw(self) -> torch.Tensor:
+        """Fresh signs (a view of an internal buffer, overwritten by the next draw)."""
+        self.words.random_(-2 ** 63, None, generator=self.gen)   # the full 64-bit range
+        self.index.copy_(self.words.view(torch.uint8))
+        torch.index_select(self.table, 0, self.index, out=self.out.view(-1, 8))
+        return self.view
+
+
 def _warn_overflow(overflow_time: np.ndarray, where: str) -> None:
     idx = np.flatnonzero(np.isfinite(overflow_time))
     if idx.size:
@@ -394,11 +487,12 @@ def _progress(total, enabled, desc):
 # ============================================================================================
 # simulate
 # ============================================================================================
-def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: str = "euler",
-             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             brownian: Optional[Callable] = None, num_runs: Optional[int] = None,
-             record: str = "full", dtype=None, device=None, progress: bool = False,
-             draw_dtype=torch.float32) -> Solution:
+def simulate(sde: LESDE, x0, ts, dt: Optional[float] = None, *, backend: str = "native",
+             method: str = "euler", seed: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, brownian: Optional[Callable] = None,
+             num_runs: Optional[int] = None, record: str = "full", dtype=None, device=None,
+             progress: bool = False, draw_dtype=torch.float32,
+             increments: str = "gaussian") -> Solution:
     r"""Integrate the locally elastic SDE from ``x0`` over the save times ``ts``.
 
     Parameters
@@ -407,9 +501,12 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
     x0 : ``(N, p)`` (replicated over runs) or ``(B, N, p)`` initial features, numpy or torch.
     ts : ``(T,)`` strictly increasing save times; the state at ``ts[0]`` is ``x0``.
     dt : step size (> 0); each interval ``[ts[i], ts[i+1]]`` is covered by steps of dt, the
-        last one shortened to land on ``ts[i+1]``.
+        last one shortened to land on ``ts[i+1]``. Not used (may be None) by ``method="exact"``.
     backend : "native" (Euler-Maruyama written for this model) or "torchsde".
-    method : torchsde method for ``backend="torchsde"`` ("euler", "milstein", "srk", ...).
+    method : native backend: "euler" (Euler-Maruyama) or "exact" (exact sampling of the linear
+        models with additive noise, identity or label-projection field: no steps, O(N p) per
+        save time; nonlinear fields and SGD noise are refused). torchsde backend: its method
+        ("euler", "milstein", "srk", ...).
     seed, generator : randomness (one of them). Same seed, same result. For the torchsde
         backend the seed is the ``entropy`` of its BrownianInterval.
     brownian : optional Brownian object (e.g. ``torchsde.BrownianInterval``) called as
@@ -421,7 +518,16 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
     progress : show a progress bar.
     draw_dtype : dtype in which the native backend draws its Gaussian increments before adding
         them to the state (float32 by default: 3-4x cheaper in float64 runs; the increments are
-        exact Gaussians rounded to float32). Pass ``torch.float64`` for float64 draws.
+        exact Gaussians rounded to float32). Pass ``torch.float64`` for float64 draws. The exact
+        sampler draws its within-class Gaussians in it too.
+    increments : "gaussian" (Euler-Maruyama) or "rademacher" (native Euler only): every
+        Brownian increment of the step, additive and SGD noise alike, is ``+-sqrt(h)`` with
+        probability 1/2, drawn 64 signs per random 64-bit word. Same mean, covariance and third
+        moments per step as Gaussian increments, hence weak order 1 (for the linear models the
+        means and covariances of the Euler iterates are exactly those of the Gaussian scheme);
+        the paths are not Brownian paths (no strong convergence), so it does not combine with
+        ``brownian=`` or the torchsde backend. The signs are exact in any dtype
+        (``draw_dtype`` is not used).
 
     Returns
     -------
@@ -433,6 +539,7 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
         raise ValueError(f"record must be 'full' or 'summary', got {record!r}")
     if backend not in ("native", "torchsde"):
         raise ValueError(f"backend must be 'native' or 'torchsde', got {backend!r}")
+    _check_scheme(sde, backend, method, increments, brownian, dt)
     ts = _check_ts(ts, dt)
     if device is None:
         device = x0.device if isinstance(x0, torch.Tensor) else "cpu"
@@ -441,14 +548,19 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
                              record, _dtype_of(x0, dtype), sde.noise.sgd, device)
     x = _prepare_x0(sde, x0, num_runs, dtype, device)
     t_start = _time.perf_counter()
-    if backend == "native":
+    if backend == "native" and method == "exact":
+        gen, used_seed = _generator(seed, generator, device)
+        sol = _simulate_exact(sde, x, ts, gen, record, progress, draw_dtype)
+    elif backend == "native":
         gen, used_seed = (None, None) if brownian is not None else _generator(seed, generator, device)
-        sol = _simulate_native(sde, x, ts, float(dt), gen, brownian, record, progress, draw_dtype)
+        sol = _simulate_native(sde, x, ts, float(dt), gen, brownian, record, progress, draw_dtype,
+                               increments)
     else:
         sol, used_seed = _simulate_torchsde(sde, x, ts, float(dt), method, seed, brownian, record, progress)
     sol.params.update(sde.describe())
-    sol.params.update(dict(backend=backend, method="euler" if backend == "native" else method,
-                           dt=float(dt), seed=used_seed, dtype=str(x.dtype).replace("torch.", ""),
+    sol.params.update(dict(backend=backend, method=method, increments=increments,
+                           dt=None if dt is None else float(dt), seed=used_seed,
+                           dtype=str(x.dtype).replace("torch.", ""),
                            device=str(device), num_runs=int(x.shape[0]),
                            wall_seconds=_time.perf_counter() - t_start, process="sde",
                            format_version=FORMAT_VERSION))
@@ -456,7 +568,8 @@ def simulate(sde: LESDE, x0, ts, dt: float, *, backend: str = "native", method: 
     return sol
 
 
-def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, draw_dtype) -> Solution:
+def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, draw_dtype,
+                     increments="gaussian") -> Solution:
     dtype, device = x0.dtype, x0.device
     lay = sde.layout(dtype, device)
     X = lay.to_fm(x0)
@@ -473,6 +586,10 @@ def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, dr
     sqrt_lr_over_n = math.sqrt(noise.lr / N) if noise.sgd else 0.0
     grids = [_interval_grid(ts[i], ts[i + 1], dt) for i in range(T - 1)]
     eps_buf = torch.empty(B, p, N, dtype=draw_dtype, device=device)
+    two_point = increments == "rademacher"
+    if two_point:
+        signs = _TwoPoint((B, p, N), dtype, device, gen) if noise.additive else None
+        zeta_signs = _TwoPoint((B, N), dtype, device, gen) if noise.sgd else None
     nan_t = torch.tensor(float("nan"), dtype=torch.float64, device=device)
     pbar = _progress(sum(len(g) - 1 for g in grids), progress, "lesde simulate")
     for i, grid in enumerate(grids):
@@ -488,6 +605,8 @@ def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, dr
             if noise.sgd:
                 if brownian is not None:
                     zeta = dW[:, :N].index_select(1, lay.order)      # (B, N), variance h
+                elif two_point:
+                    zeta = zeta_signs.draw() * math.sqrt(h)           # +-sqrt(h)
                 else:
                     zeta = torch.randn(B, N, generator=gen, dtype=draw_dtype, device=device).to(dtype)
                     zeta.mul_(math.sqrt(h))
@@ -502,6 +621,12 @@ def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, dr
                 if brownian is not None:
                     add = dW[:, -N * p:].view(B, N, p)
                     X.add_(lay.to_fm(add) * sigma)
+                elif two_point:
+                    eps = signs.draw()                                # +-1, state dtype
+                    if sigma.shape[0] == 1:
+                        X.add_(eps, alpha=float(sigma) * math.sqrt(h))
+                    else:
+                        X.addcmul_(eps, sigma * math.sqrt(h))
                 else:
                     eps = torch.randn(B, p, N, generator=gen, dtype=draw_dtype, device=device, out=eps_buf)
                     if sigma.shape[0] == 1:
@@ -515,6 +640,77 @@ def _simulate_native(sde: LESDE, x0, ts, dt, gen, brownian, record, progress, dr
         newly = (bad | np.isfinite(fb)) & ~stopped
         overflow_time[newly] = np.where(np.isfinite(fb[newly]), fb[newly], ts[i + 1])
         stopped |= newly
+        if stopped.all():
+            break
+    if pbar is not None:
+        pbar.close()
+    return Solution(ts=ts, labels=sde.labels.numpy().copy(), class_means=rec.means,
+                    within_cov=rec.cov, states=rec.states, overflow_time=overflow_time, params={})
+
+
+def _simulate_exact(sde: LESDE, x0, ts, gen, record, progress, draw_dtype) -> Solution:
+    """Exact sampling of the linear models with additive noise, save time to save time.
+
+    Class means (float64, kept apart from the state): ``m <- Phi m + L z``, ``z ~ N(0, I)``
+    (:func:`lesde.theory.mean_transition`). Within-class deviations: ``+ s (Z_j - Zbar_k)`` with
+    ``s^2 = int sigma^2`` over the interval and Z standard Gaussians, which is the projection of
+    the samples' Brownian increments to zero class mean and independent of the class means'
+    noise. The state is then shifted per class so that its class means are the new m.
+    """
+    from .theory import mean_transition
+
+    dtype, device = x0.dtype, x0.device
+    lay = sde.layout(dtype, device)
+    X = lay.to_fm(x0)
+    B, p, N = X.shape
+    K = lay.K
+    T = ts.shape[0]
+    rec = _Recorder(T, B, lay, p, record == "full")
+    stopped = np.zeros(B, dtype=bool)
+    overflow_time = np.full(B, np.nan)
+    rec.record(0, X, stopped)
+    counts = torch.tensor(lay.counts, dtype=torch.float64, device=device)
+    labels = sde.labels.numpy()
+    sigma = sde.sigma if sde.noise.additive else 0.0
+    noisy = sde.noise.additive and not (sde.sigma.constant and not np.any(np.atleast_1d(sde.sigma(0.0))))
+    m = lay.class_sums(X, dtype=torch.float64) / counts                 # (B, p, K), float64
+    constant = sde.impacts.constant and (not sde.noise.additive or sde.sigma.constant)
+    cache = {}                                                          # interval length -> transition
+    pbar = _progress(T - 1, progress, "lesde simulate (exact)")
+    for i in range(T - 1):
+        t0, t1 = float(ts[i]), float(ts[i + 1])
+        # intervals of equal length share a transition; lengths equal to 12 digits count as
+        # equal (save grids from linspace differ in the last bits), an error of 1e-12 in time
+        key = float(f"{t1 - t0:.12g}")
+        tr = cache.get(key) if constant else None
+        if tr is None:
+            tr = mean_transition(sde.impacts, labels, sde.field, p, t0, t1, sigma)
+            tr = tuple(torch.as_tensor(a, dtype=torch.float64, device=device)
+                       for a in (tr.phi, tr.chol, tr.within_var)) + (tr.per_coordinate,)
+            if constant:
+                cache[key] = tr
+        phi, chol, within, per_coordinate = tr
+        if per_coordinate:                                              # (B|1, K, K) on each coordinate
+            z = torch.randn(B, p, K, generator=gen, dtype=torch.float64, device=device)
+            m_new = torch.matmul(m, phi.transpose(1, 2)) + torch.matmul(z, chol.transpose(1, 2))
+        else:                                                           # (B|1, K p, K p) on vec(Xbar)
+            z = torch.randn(B, K * p, 1, generator=gen, dtype=torch.float64, device=device)
+            v = m.transpose(1, 2).reshape(B, K * p, 1)
+            m_new = (torch.matmul(phi, v) + torch.matmul(chol, z)).view(B, K, p).transpose(1, 2)
+        current = lay.class_sums(X, dtype=torch.float64) / counts
+        if noisy:
+            s = within.sqrt().view(-1, 1, 1)
+            Z = torch.randn(B, p, N, generator=gen, dtype=draw_dtype, device=device)
+            current = current + s * (lay.class_sums(Z, dtype=torch.float64) / counts)
+            X.addcmul_(Z if Z.dtype == dtype else Z.to(dtype), s.to(dtype))
+        lay.add_per_class(X, (m_new - current).to(dtype))
+        m = m_new
+        bad = rec.record(i + 1, X, stopped)
+        newly = bad & ~stopped
+        overflow_time[newly] = ts[i + 1]
+        stopped |= newly
+        if pbar is not None:
+            pbar.update(1)
         if stopped.all():
             break
     if pbar is not None:

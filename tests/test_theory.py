@@ -12,7 +12,7 @@ from scipy.stats import chi2
 from lesde import model as m
 from lesde import theory
 from lesde.solvers import simulate
-from problems import balanced_labels, class_constant_x0
+from problems import balanced_labels, check_gaussian_moments, class_constant_x0
 
 K, N_PER, SIGMA = 3, 4, 0.5
 R = 2000  # paths
@@ -63,23 +63,6 @@ def test_lmodel_modes_equal_moment_ode(kind, Kl):
     np.testing.assert_allclose((yk - ybar[:, None]) / (yk[0] - ybar[0]), cf["antisymmetric"][:, None] * np.ones(Kl), rtol=1e-7)
 
 
-def _check_gaussian_moments(samples, mean, cov):
-    """samples (R, D) against exact mean (D,) and covariance (D, D)."""
-    Rn = samples.shape[0]
-    smean = samples.mean(0)
-    se = np.sqrt(np.diag(cov) / Rn)
-    z = (smean - mean) / se
-    assert np.abs(z).max() < 4.5, f"mean off by {np.abs(z).max():.2f} standard errors"
-    s2 = samples.var(0, ddof=1)
-    ratio = (Rn - 1) * s2 / np.diag(cov)
-    lo, hi = chi2.ppf(1e-5, Rn - 1), chi2.ppf(1 - 1e-5, Rn - 1)
-    assert np.all((ratio > lo) & (ratio < hi)), f"variance ratios {ratio / (Rn - 1)} outside chi-square bounds"
-    # covariances: sample covariance entry has variance (S_ii S_jj + S_ij^2) / R (Gaussian)
-    scov = np.cov(samples.T)
-    se_c = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov ** 2) / Rn)
-    assert np.abs((scov - cov) / se_c).max() < 4.5
-
-
 @pytest.mark.parametrize("backend", ["native", "torchsde"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("model", ["I-constant", "I-power_law", "L-constant"])
@@ -97,7 +80,7 @@ def test_simulation_matches_exact_moments(model, dtype, backend):
                    seed=seed, record="summary")
     mean, cov = theory.class_mean_moments(imp, y, field, ts, m0, sigma=SIGMA)
     for i in (1, 2):
-        _check_gaussian_moments(sol.class_means[i].reshape(R, -1), mean[i].ravel(), cov[i])
+        check_gaussian_moments(sol.class_means[i].reshape(R, -1), mean[i].ravel(), cov[i])
     # within-class: started with no spread, (n/(sigma^2 t)) * within_cov[k, a, a] ~ chi^2_{n-1},
     # independent over runs, classes and coordinates.
     for i in (1, 2):
