@@ -47,6 +47,7 @@ from .fit import (
 )
 from .phase import PhaseSpec, load_sweep, run_sweep
 from .nets import NETS, MLP, FeatureNet, LeNet, ResNet18, ResNet20, build_net
+from .nets import ResNet18ImageNet, elephant
 from .elasticity import (
     ImpactMeasurement,
     class_elasticity,
@@ -61,6 +62,11 @@ from .elasticity import (
     similarity_matrix,
     torus_locality,
     track_elasticity,
+    two_layer_ntk,
+    mlp_ntk,
+    ntk_cluster_pair,
+    clustering_chance,
+    locality_statistics,
 )
 
 __version__ = "0.1.0"
@@ -78,4 +84,6 @@ __all__ = [
     "empirical_ntk", "measure_impacts", "ImpactMeasurement", "relative_similarity",
     "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",
     "clustering_accuracy", "cluster_pair", "torus_locality", "class_elasticity", "track_elasticity",
+    "two_layer_ntk", "mlp_ntk", "ntk_cluster_pair", "clustering_chance", "locality_statistics",
+    "ResNet18ImageNet", "elephant",
 ]

@@ -597,9 +597,12 @@ def _add_elasticity(sub):
                    "no BatchNorm) or mlp (one hidden layer, --hidden, --activation)")
     k.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNets")
     k.add_argument("--hidden", type=int, default=512, help="MLP width")
-    k.add_argument("--activation", default="relu", help="MLP activation (relu, tanh, elephant, linear)")
-    k.add_argument("--elephant-a", type=float, default=1.0)
+    k.add_argument("--activation", default="relu",
+                   help="MLP activation (relu, tanh, elephant, elephant_spread, linear)")
+    k.add_argument("--elephant-a", type=float, default=None, help="elephant half-width a (default 0.25)")
     k.add_argument("--elephant-d", type=float, default=4.0)
+    k.add_argument("--bias-spread", type=float, default=None,
+                   help="sd of the spread first-layer biases of elephant_spread")
     k.add_argument("--probes", type=int, default=20, help="probe examples per class")
     k.add_argument("--test-per-class", type=int, default=1000, help="held-out test images per class")
     k.add_argument("--epochs", type=int, default=7)
@@ -614,6 +617,9 @@ def _add_elasticity(sub):
     k.add_argument("--normalize", choices=["dan", "half"], default="dan",
                    help="dan: their channel mean/std; half: (x - 0.5) / 0.5")
     k.add_argument("--runs", type=int, default=3, help="independent runs, seeds SEED..SEED+RUNS-1")
+    k.add_argument("--run-ids", type=int, nargs="+", default=None,
+                   help="only these runs (0-based; e.g. to share them between two processes); the "
+                   "summary then covers the runs of --out that are complete")
     k.add_argument("--work", default=None,
                    help="checkpoints and per-pair matrices (default runs/elasticity/<name of --out>)")
     k.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over probes")
@@ -884,7 +890,7 @@ def _elasticity_track(args, load, progress) -> int:
         return x, y
 
     frames, pairs_last = [], []
-    for r in range(args.runs):
+    for r in (args.run_ids if args.run_ids is not None else range(args.runs)):
         seed = args.seed + r
         csv_path = os.path.join(args.out, f"run{r}_tracking.csv")
         pairs_path = os.path.join(work, f"run{r}_pairs.npz")
@@ -902,10 +908,9 @@ def _elasticity_track(args, load, progress) -> int:
                                 for c in range(len(args.classes))])
         torch.manual_seed(seed)
         if args.net == "mlp":
-            kw = {"a": args.elephant_a, "d": args.elephant_d} if args.activation == "elephant" else None
+            act, kw, spread = _activation_spec(args.activation, args, default_a=0.25)
             net = MLP(x[0].numel(), hidden=(args.hidden,), num_classes=len(args.classes),
-                      activation=None if args.activation == "linear" else args.activation,
-                      activation_kwargs=kw)
+                      activation=act, activation_kwargs=kw, bias_spread=spread)
         elif args.net == "resnet18_imagenet":
             net = ResNet18ImageNet(len(args.classes), width=args.width, in_channels=x.shape[1])
         else:
@@ -922,9 +927,22 @@ def _elasticity_track(args, load, progress) -> int:
               f"{frame['test_acc'].iloc[-1]:.3f}")
         frames.append(frame)
         pairs_last.append(dict(np.load(pairs_path)))
+    if args.run_ids is not None:   # summarise every complete run of --out, not only these
+        import pandas as pd
+
+        frames, pairs_last = [], []
+        for r in range(args.runs):
+            csv_path = os.path.join(args.out, f"run{r}_tracking.csv")
+            pairs_path = os.path.join(work, f"run{r}_pairs.npz")
+            if os.path.exists(csv_path) and os.path.exists(pairs_path):
+                frames.append(pd.read_csv(csv_path))
+                pairs_last.append(dict(np.load(pairs_path)))
+        if len(frames) < args.runs:
+            print(f"{len(frames)} of {args.runs} runs complete; summary written when all are")
+            return 0
     summary = _tracking_summary(frames, pairs_last, args.bootstrap, args.seed)
     summary["protocol"] = {k: getattr(args, k) for k in (
-        "net", "width", "hidden", "activation", "elephant_a", "elephant_d", "classes", "per_class",
+        "net", "width", "hidden", "activation", "elephant_a", "elephant_d", "bias_spread", "classes", "per_class",
         "probes", "epochs", "batch_size", "lr", "weight_decay", "every", "schedule", "augment",
         "normalize", "runs", "seed")}
     with open(os.path.join(args.out, "tracking_summary.json"), "w") as f:
@@ -936,6 +954,8 @@ def _elasticity_track(args, load, progress) -> int:
               f"{v['double_log_ratio_last_epoch']['mean']:+.3f} +- {v['double_log_ratio_last_epoch']['sd']:.3f}")
     figures.plot_tracking_statistics(frames, [str(c) for c in args.classes],
                                      os.path.join(args.out, "tracking.png"))
+    figures.plot_elasticity_tracking(frames[0], [str(c) for c in args.classes],
+                                     os.path.join(args.out, "tracking_curves_run0.png"))
     print(f"wrote {args.out}/tracking_summary.json, tracking.png")
     return 0
 
