@@ -1034,6 +1034,28 @@ def _elasticity_compare(args, write_csv) -> int:
     agg = table.groupby(["ours", "reference", "epoch_index"]).mean(numeric_only=True).reset_index()
     agg = agg.drop(columns=["record", "step", "epoch"]).round(4)
     write_csv("dan_comparison_by_epoch.csv", agg.to_dict("records"))
+    metrics = os.path.join(os.path.dirname(args.reference), "metrics_cifar10.csv")
+    if os.path.exists(metrics):   # accuracies per epoch beside theirs
+        ref = pd.read_csv(metrics)
+        acc_rows = []
+        for e in sorted(ref["index"].unique()):
+            theirs = ref[ref["index"] == e]
+            ours_train, ours_test = [], []
+            for f in frames:
+                ep = np.floor(f["epoch"].to_numpy() - 1e-9).clip(min=0)
+                sel = f[ep == e]
+                if len(sel):
+                    ours_train.append(float(sel["train_acc"].mean()))
+                    ours_test.append(float(sel["test_acc"].iloc[-1]))
+            acc_rows.append({
+                "epoch_index": int(e),
+                "train_acc_ours": round(float(np.mean(ours_train)), 4) if ours_train else float("nan"),
+                "train_acc_ours_sd": round(float(np.std(ours_train, ddof=1)), 4) if len(ours_train) > 1 else 0.0,
+                "train_acc_ref": round(float(theirs["train_acc"].mean()), 4),
+                "train_acc_ref_sd": round(float(theirs["train_acc"].std(ddof=1)), 4),
+                "heldout_test_acc_ours": round(float(np.mean(ours_test)), 4) if ours_test else float("nan"),
+                "train_image_acc_ref": round(float(theirs["test_acc"].mean()), 4)})
+        write_csv("dan_accuracy.csv", acc_rows)
     figures.plot_dan_comparison(table, os.path.join(args.out, "dan_comparison.png"))
     print(f"wrote {os.path.join(args.out, 'dan_comparison.png')}")
     return 0

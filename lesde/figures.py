@@ -285,8 +285,10 @@ def plot_dan_comparison(table, path) -> str:
                 ax.plot(ep, m, color=colour, lw=1.4, label=tag)
                 ax.fill_between(ep, m - sd, m + sd, color=colour, alpha=0.2, lw=0)
             ax.axhline(chance, ls="--", color="k", lw=1, label="chance")
-            if name == "ratio" and ours in ("suhe_compat", "norm", "norm_prob"):
-                ax.set_yscale("log")
+            if name == "ratio":
+                vals = t[[c for c in ("ratio_ours", "ratio_ref") if c in t]].to_numpy(dtype=float)
+                if np.nanmax(vals) / max(np.nanmin(vals), 1e-300) > 20:
+                    ax.set_yscale("log")
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("epoch")
             if col == 0:
