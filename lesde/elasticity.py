@@ -1897,6 +1897,7 @@ def track_elasticity(
     measures: Sequence[str] = TRACK_MEASURES,
     x_test=None,
     y_test=None,
+    test_at: str = "epoch",
     seed: int = 0,
     checkpoint: Optional[str] = None,
     return_pairs: bool = False,
@@ -1917,7 +1918,9 @@ def track_elasticity(
     - ``schedule="global"``: once before training and after every ``every``-th step.
 
     Each record also holds the running training accuracy of the minibatches since the last
-    record and, when given, the accuracy on (``x_test``, ``y_test``).
+    record and, when given, the accuracy on (``x_test``, ``y_test``): at every record
+    (``test_at="record"``) or, by default (``"epoch"``), only at the first record and the last
+    record of each epoch (nan elsewhere; a test pass can cost as much as a record).
 
     ``checkpoint``: a file path; after every record the model, optimizer, shuffling state and
     the records so far are saved there (``torch.save``; read back with ``weights_only=True``),
@@ -1975,12 +1978,16 @@ def track_elasticity(
                     "generator": gen.get_state(), **state}, tmp)
         os.replace(tmp, checkpoint)
 
-    def record(step):
+    if test_at not in ("epoch", "record"):
+        raise ValueError(f"test_at must be 'epoch' or 'record', got {test_at!r}")
+
+    def record(step, last_of_epoch=True):
         mats = pair_elasticity(model, xp, yp, lr=probe_lr if probe_lr is not None else lr,
                                optimizer=optimizer, measures=measures)
+        test = xs is not None and (test_at == "record" or last_of_epoch or not state["rows"])
         row = {"step": step, "epoch": step / per_epoch,
                "train_acc": state["hits"] / state["seen"] if state["seen"] else float("nan"),
-               "test_acc": _accuracy(model.eval(), xs, ys) if xs is not None else float("nan")}
+               "test_acc": _accuracy(model.eval(), xs, ys) if test else float("nan")}
         model.train()
         for name, m in mats.items():
             cm = class_pair_means(m.cpu(), yp.cpu(), num_classes=k, exclude_self=False)
@@ -2018,10 +2025,15 @@ def track_elasticity(
             state["batch"] += 1
             if bar is not None:
                 bar.update(1)
-            due = (b % int(every) == 0) if schedule == "epoch" \
-                else (state["step"] % int(every) == 0)
+            if schedule == "epoch":
+                due = b % int(every) == 0
+                last = b + int(every) >= per_epoch
+            else:
+                due = state["step"] % int(every) == 0
+                last = (state["step"] + int(every)) // per_epoch > state["step"] // per_epoch \
+                    or state["step"] + int(every) > total
             if due:
-                record(state["step"])
+                record(state["step"], last)
                 save()
         state["epoch"] += 1
         state["batch"] = 0
