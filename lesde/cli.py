@@ -588,6 +588,8 @@ def _add_elasticity(sub):
                    "the same step in function space")
     c.add_argument("--batch-size", type=int, default=500)
     c.add_argument("--loss", choices=["bce", "mse"], default="bce")
+    c.add_argument("--replot", action="store_true",
+                   help="only redraw clustering.png from the clustering_summary.csv in --out")
 
     k = jobs.add_parser("track", help="Dan et al.: S_rel (KL, norm ratios) during training, "
                         "several runs, resumable")
@@ -785,6 +787,11 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
     from . import figures
     from .nets import MLP
 
+    if args.replot:
+        figures.plot_clustering_summary(pd.read_csv(os.path.join(args.out, "clustering_summary.csv"),
+                                                    keep_default_na=False, na_values=[""]),
+                                        os.path.join(args.out, "clustering.png"))
+        return 0
     rows = []
     names = all_classes(args.data)
     if args.bias_spread is None:

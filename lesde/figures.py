@@ -4,6 +4,7 @@ Nothing here simulates or trains; the command line runs the jobs and calls these
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Optional, Sequence
 
@@ -205,25 +206,44 @@ def plot_torus_profiles(profiles: dict, edges, path) -> str:
 
 
 def plot_clustering_summary(summary, path) -> str:
-    """He & Su's clustering scores per class pair: mean +- sd over seeds for each (network,
-    width, output, method), with the chance level (mean and 95% quantile of a labelling that
-    ignores the classes) as a grey band. ``summary``: the ``clustering_summary.csv`` table."""
+    """He & Su's clustering scores, one panel per class pair: mean +- sd over seeds (horizontal
+    bars) for each (network, width, output, method), coloured by network, with the chance level
+    of a class-blind labelling (grey: its mean to its 95% quantile). ``summary``: the
+    ``clustering_summary.csv`` table."""
     plt = _plt()
     pairs = list(dict.fromkeys(summary["pair"]))
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(11, 2.6 * len(pairs)), squeeze=False)
-    for ax, pair in zip(axes[:, 0], pairs):
+    first = summary[summary["pair"] == pairs[0]]
+    keys = [(r.network, str(r.width), r.output, r.method) for r in first.itertuples()]
+    labels = ["baseline: " + m if n == "-" else f"{n}, m={w}, {o[:5]}: {m}" for n, w, o, m in keys]
+    nets = list(dict.fromkeys(k[0] for k in keys))
+    colour = {n: f"C{i}" for i, n in enumerate(nets)}
+    ncol = 2 if len(pairs) > 1 else 1
+    nrow = math.ceil(len(pairs) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(7.5 * ncol, 0.22 * len(keys) * nrow + 1.2 * nrow),
+                             squeeze=False, sharey=True)
+    for i, pair in enumerate(pairs):
+        ax = axes[i // ncol, i % ncol]
         t = summary[summary["pair"] == pair]
-        labels = [f"{r.network} {r.width} {r.output[:5]} {r.method}".replace("- - - ", "")
-                  for r in t.itertuples()]
-        xs = np.arange(len(t))
-        ax.errorbar(xs, t["accuracy_mean"], yerr=t["accuracy_sd"].fillna(0), fmt="o", ms=4, capsize=2)
-        ax.axhspan(float(t["chance_mean"].iloc[0]), float(t["chance_q95"].iloc[0]), color="0.8",
-                   label="chance: mean to 95% quantile")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+        lookup = {(r.network, str(r.width), r.output, r.method): r for r in t.itertuples()}
+        for y, k in enumerate(keys):
+            r = lookup.get(k)
+            if r is None:
+                continue
+            sd = 0.0 if r.accuracy_sd != r.accuracy_sd else r.accuracy_sd
+            ax.errorbar(r.accuracy_mean, y, xerr=sd, fmt="o", ms=4, capsize=2, color=colour[k[0]])
+        ax.axvspan(float(t["chance_mean"].iloc[0]), float(t["chance_q95"].iloc[0]), color="0.8",
+                   zorder=0, label="chance: mean to 95% quantile")
+        ax.set_yticks(range(len(keys)))
+        ax.set_yticklabels(labels, fontsize=7)
+        if i == 0:
+            ax.invert_yaxis()   # first configuration on top (the y axis is shared)
         ax.set_title(f"{pair}: 0.5 + |acc - 0.5|, mean +- sd over {int(t['seeds'].max())} seeds",
                      fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("clustering score")
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower right")
+    for j in range(len(pairs), nrow * ncol):
+        axes[j // ncol, j % ncol].axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
