@@ -581,6 +581,9 @@ def _add_elasticity(sub):
                    choices=["logits", "probabilities"])
     c.add_argument("--trained-width", type=int, default=0,
                    help="also train real networks of this width (0: none), --activations")
+    c.add_argument("--init-kernel-width", type=int, default=0,
+                   help="also networks of this width in the kernel regime: the exact NTK at "
+                   "initialisation, trained in function space (0: none), --activations")
     act_args(c, ["relu", "linear"])
     c.add_argument("--epochs", type=int, default=200)
     c.add_argument("--lr", type=float, default=3e-3,
@@ -832,6 +835,21 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
                                                   seed=seed, baselines=first)
                         first = False
                         add(res, f"{act} (NTK)", width, output)
+            if args.init_kernel_width:
+                x_all = torch.cat([xp, xa])
+                for name in args.activations:
+                    act, kw, spread = _activation_spec(name, args, default_a=0.1)
+                    torch.manual_seed(seed)
+                    net = MLP(xp[0].numel(), hidden=(args.init_kernel_width,), num_classes=1,
+                              activation=act, activation_kwargs=kw, bias_spread=spread).double()
+                    theta = el.mlp_ntk(net, x_all)
+                    for output in args.outputs:
+                        res = el.ntk_cluster_pair(xp, yp, xa, output=output, loss=args.loss,
+                                                  lr=args.lr * 40960 / args.init_kernel_width,
+                                                  epochs=args.epochs, batch_size=args.batch_size,
+                                                  seed=seed, baselines=first, theta=theta)
+                        first = False
+                        add(res, f"{name} (init NTK)", args.init_kernel_width, output)
             if args.trained_width:
                 for name in args.activations:
                     act, kw, spread = _activation_spec(name, args, default_a=0.1)

@@ -1248,11 +1248,14 @@ def ntk_cluster_pair(
     baselines: bool = True,
     pca_components: int = 100,
     seed: int = 0,
+    theta=None,
 ) -> ClusteringResult:
     """He & Su's clustering (:func:`cluster_pair`) for their two-layer network in the wide
     limit, with no network at all: the kernel is :func:`two_layer_ntk` (``activation`` "relu"
     or "linear", ``width`` m; PyTorch's initialisation), which does not move during training
-    at infinite width.
+    at infinite width. ``theta`` [n + n_aux, n + n_aux] (primary examples first) replaces it by
+    any given NTK, e.g. the empirical NTK of a finite network at initialisation
+    (:func:`mlp_ntk`): the same computation in the lazy (kernel) regime of that network.
 
     - ``output="logits"``: S_rel = |K_ij| / K_ii and S_ker = K; training does not enter.
       ``width=math.inf`` gives the m -> infinity limit (up to a factor).
@@ -1271,16 +1274,22 @@ def ntk_cluster_pair(
         raise ValueError(f"labels_primary must have one label per primary example "
                          f"({xp.shape[0]}), got {truth.shape[0]}")
     n = xp.shape[0]
+    if theta is not None:
+        theta = torch.as_tensor(theta, dtype=torch.float64)
+        if theta.shape != (n + xa.shape[0], n + xa.shape[0]):
+            raise ValueError(f"theta must be [{n + xa.shape[0]}, {n + xa.shape[0]}] (primary, "
+                             f"then auxiliary examples), got {tuple(theta.shape)}")
     if output == "logits":
-        K = two_layer_ntk(xp, activation=activation, width=width)
+        K = two_layer_ntk(xp, activation=activation, width=width) if theta is None \
+            else theta[:n, :n]
         s_rel, s_ker = kernel_similarities(K, output="logits")
         history: list = []
     else:
-        if math.isinf(float(width)):
+        if theta is None and math.isinf(float(width)):
             raise ValueError("output='probabilities' needs a finite width (the trained logits "
                              "depend on the kernel's scale)")
-        x = torch.cat([xp, xa])
-        theta = two_layer_ntk(x, activation=activation, width=width)
+        if theta is None:
+            theta = two_layer_ntk(torch.cat([xp, xa]), activation=activation, width=width)
         t = torch.cat([torch.ones(n), torch.zeros(xa.shape[0])]).double()
         f = ntk_train(theta, t, lr=lr, epochs=epochs, batch_size=batch_size, loss=loss)
         s_rel, s_ker = kernel_similarities(theta[:n, :n], f[:n], "probabilities")

@@ -241,7 +241,7 @@ def plot_clustering_summary(summary, path) -> str:
                      fontsize=9)
         ax.set_xlabel("clustering score")
         if i == 0:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
     for j in range(len(pairs), nrow * ncol):
         axes[j // ncol, j % ncol].axis("off")
     fig.tight_layout()

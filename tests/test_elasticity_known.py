@@ -397,6 +397,12 @@ def test_ntk_cluster_pair_uses_the_kernel():
                      batch_size=10)
     rel, _ = el.kernel_similarities(theta[:20, :20], f[:20], "probabilities")
     torch.testing.assert_close(res_p.s_rel, el.symmetrize(rel))
+    # any given kernel in place of the closed form (here the same one)
+    res_t = el.ntk_cluster_pair(xp, yp, xa, output="probabilities", lr=0.01, epochs=20,
+                                batch_size=10, baselines=False, theta=theta)
+    torch.testing.assert_close(res_t.s_rel, res_p.s_rel)
+    with pytest.raises(ValueError, match="primary, then auxiliary"):
+        el.ntk_cluster_pair(xp, yp, xa, theta=theta[:5, :5])
     with pytest.raises(ValueError, match="finite width"):
         el.ntk_cluster_pair(xp, yp, xa, width=math.inf, output="probabilities")
 
