@@ -1005,6 +1005,20 @@ def _tracking_summary(frames, pairs, n_boot, seed) -> dict:
         entry["frac_per_class"] = [p["frac_per_class"] for p in per_run]
         entry["last_record_band"] = [
             el.locality_band(p[m][-1], p["labels"], n_boot=n_boot, seed=seed) for p in pairs if m in p]
+        # bootstrap over the probes of the last epoch's mean double log-ratio (the same resampled
+        # probes at every record of the epoch), per run: (estimate, 2.5%, 97.5%)
+        bands = []
+        for f, p in zip(frames, pairs):
+            if m not in p:
+                continue
+            ep = f["epoch"].to_numpy()
+            last = np.flatnonzero(ep > np.ceil(ep.max()) - 1)
+            boot = np.mean([el.locality_statistics(el.bootstrap_class_means(
+                p[m][t], p["labels"], n_boot, seed))["double_log_ratio"] for t in last], axis=0)
+            est = float(np.mean([el.locality_statistics(el._measure_matrices(f.iloc[[t]], m))[
+                "double_log_ratio"][0] for t in last]))
+            bands.append([est, float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))])
+        entry["double_log_ratio_last_epoch_band"] = bands
         out["measures"][m] = entry
     out["final_test_acc"] = [float(f["test_acc"].iloc[-1]) for f in frames]
     out["final_train_acc"] = [float(f["train_acc"].iloc[-1]) for f in frames]

@@ -1688,8 +1688,18 @@ def bootstrap_class_means(S_pairs, labels, n_boot: int = 1000, seed: int = 0,
     """Bootstrap replicates of the class-pair means of a per-example matrix S [M, M] (row =
     update example, column = probe, the same M examples in both roles, as in Dan et al.'s
     20 x 20 protocol): in each replicate the examples of every class are resampled with
-    replacement and used for both roles, and the class-pair means of the resampled pairs
-    (x = x' pairs included, like the full mean) are returned, [n_boot, K, K]."""
+    replacement and used for both roles, and the class-pair means of the resampled pairs are
+    returned, [n_boot, K, K].
+
+    A same-class block of the full mean gives weight 1/n to its x = x' pairs. Two draws of the
+    same example are not two examples, so in a replicate the block is
+
+        (1/n) sum_i c_i S_ii / n + (1 - 1/n) (c^T S c - sum_i c_i^2 S_ii) / (n^2 - sum_i c_i^2)
+
+    (counts c of the class's n draws): self pairs keep weight 1/n and the rest is the mean over
+    pairs of distinct examples. With every c_i = 1 this is the full mean; counting duplicated
+    draws as pairs instead would bias the same-class means towards S(x, x). A replicate that
+    draws a single example n times for a class has no distinct pair: nan there."""
     s = np.asarray(S_pairs, dtype=np.float64)
     y = np.asarray(labels).reshape(-1)
     if s.shape != (y.size, y.size):
@@ -1706,7 +1716,19 @@ def bootstrap_class_means(S_pairs, labels, n_boot: int = 1000, seed: int = 0,
         for b in range(int(n_boot)):
             np.add.at(counts[b, c], idx[draws[b]], 1.0)
     n = counts.sum(-1)                                                # [B, K]
-    return np.einsum("bkm,mn,bln->bkl", counts, s, counts) / (n[:, :, None] * n[:, None, :])
+    out = np.einsum("bkm,mn,bln->bkl", counts, s, counts) / (n[:, :, None] * n[:, None, :])
+    diag = np.diagonal(s)
+    total = np.einsum("bkm,mn,bkn->bk", counts, s, counts)            # c_k^T S c_k
+    sq = counts ** 2
+    self_mean = (counts @ diag) / n
+    den = n ** 2 - sq.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        distinct = (total - sq @ diag) / den
+    # a class drawn as one example repeated has no pair of distinct examples: nan
+    block = np.where(den > 0, self_mean / n + (1 - 1 / n) * distinct, np.nan)
+    idx = np.arange(k)
+    out[:, idx, idx] = block
+    return out
 
 
 def locality_band(S_pairs, labels, n_boot: int = 1000, level: float = 0.95, seed: int = 0,

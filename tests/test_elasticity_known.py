@@ -244,11 +244,36 @@ def test_bootstrap_class_means_and_band():
     # each replicate is a class-pair mean over resampled examples: within the range of the block
     for a, b in itertools.product(range(3), range(3)):
         blk = S[y == a][:, y == b]
-        assert boot[:, a, b].min() >= blk.min() - 1e-12 and boot[:, a, b].max() <= blk.max() + 1e-12
-    # the mean of the replicates is close to the full mean (bootstrap is unbiased for a mean of
-    # pairs up to the x = x' diagonal terms)
-    full = el.class_pair_means(torch.as_tensor(S), torch.as_tensor(y), exclude_self=False).numpy()
-    assert np.abs(boot.mean(0) - full).max() < 0.3
+        v = boot[:, a, b][~np.isnan(boot[:, a, b])]
+        assert v.min() >= blk.min() - 1e-12 and v.max() <= blk.max() + 1e-12
+    # duplicated draws do not add x = x' pairs: with a huge diagonal, the replicates' same-class
+    # means stay at the full mean in expectation (counting duplicates as pairs would inflate
+    # them by about 1000 (n - 1) / n^2 = 190 here); 2,000 replicates, sd of their mean < 1
+    S2 = S.copy()
+    np.fill_diagonal(S2, 1000.0)
+    full2 = el.class_pair_means(torch.as_tensor(S2), torch.as_tensor(y), exclude_self=False).numpy()
+    boot2 = el.bootstrap_class_means(S2, y, n_boot=2000, seed=0)
+    ok = ~np.isnan(boot2).any(axis=(1, 2))       # a class drawn as one example 4 times: nan
+    assert 0.9 < ok.mean() < 1.0
+    se = boot2[ok].std(0) / math.sqrt(ok.sum())
+    assert (np.abs(boot2[ok].mean(0) - full2) < 4 * se + 1e-9).all()
+    # one replicate by hand (the block formula of the docstring)
+    rng2 = np.random.default_rng(0)
+    c = np.zeros(12)
+    for cls in range(3):
+        members = np.flatnonzero(y == cls)
+        np.add.at(c, members[rng2.integers(0, 4, size=(300, 4))[0]], 1.0)
+    for a in range(3):
+        ca = np.where(y == a, c, 0.0)
+        for b in range(3):
+            cb = np.where(y == b, c, 0.0)
+            want = ca @ S2 @ cb / (ca.sum() * cb.sum())
+            if a == b:
+                n = ca.sum()
+                self_mean = (ca * np.diag(S2)).sum() / n
+                distinct = (ca @ S2 @ ca - (ca ** 2 * np.diag(S2)).sum()) / (n ** 2 - (ca ** 2).sum())
+                want = self_mean / n + (1 - 1 / n) * distinct
+            assert boot2[0, a, b] == pytest.approx(want, rel=1e-12)
     band = el.locality_band(S, y, n_boot=300, seed=0)
     est, lo, hi = band["double_log_ratio"]
     assert lo <= est <= hi and est > 0.5
