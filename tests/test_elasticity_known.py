@@ -262,7 +262,7 @@ def test_bootstrap_class_means_and_band():
     c = np.zeros(12)
     for cls in range(3):
         members = np.flatnonzero(y == cls)
-        np.add.at(c, members[rng2.integers(0, 4, size=(300, 4))[0]], 1.0)
+        np.add.at(c, members[rng2.integers(0, 4, size=(2000, 4))[0]], 1.0)
     for a in range(3):
         ca = np.where(y == a, c, 0.0)
         for b in range(3):
