@@ -9,6 +9,14 @@
 2. The direct measurement of the impacts (``measure_impacts``) per logged step on a CIFAR-size
    ResNet-18 (width 1/4, no BatchNorm, float32, random 32x32 inputs, K = 3), for m tracked
    samples per class, logits and features.
+3. Two-layer networks: the exact empirical NTK of a one-hidden-layer MLP through ``mlp_ntk``
+   (no Jacobians) against the generic ``empirical_ntk`` (per-example Jacobians), on M inputs of
+   3,072 entries (CIFAR-10 size), float64, and the closed-form wide limit ``two_layer_ntk``
+   (any width) on 2,000 inputs, the size of one He & Su clustering problem.
+4. One record of Dan et al.'s protocol (``class_elasticity``: 20 probes per class, K = 3, one
+   fresh Adam step per probe, all five measures) on ResNet-18 in the ImageNet layout without
+   BatchNorm at width 1, and one training minibatch of 256, float32: what a 49-record, 7-epoch
+   run costs.
 
     python benchmarks/bench_elasticity.py [--threads 2] [--m 1000] [--quick] [--out FILE.json]
 """
@@ -80,6 +88,51 @@ def bench_impacts(per_class: int, width: float, seed: int = 0) -> dict:
     return out
 
 
+def bench_two_layer(m: int, hidden: int, seed: int = 0) -> dict:
+    from lesde.nets import MLP
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(m, 3072, generator=g, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(seed)
+    net = MLP(3072, hidden=(hidden,), num_classes=1).double()
+    fast, t_fast = _timed(lambda: el.mlp_ntk(net, x))
+    m_gen = min(m, 200)
+    gen, t_gen = _timed(lambda: el.empirical_ntk(net, x[:m_gen])[:, :, 0, 0])
+    diff = float((fast[:m_gen, :m_gen] - gen).abs().max() / gen.abs().max())
+    x2 = torch.rand(2000, 3072, generator=g, dtype=torch.float64) * 2 - 1
+    _, t_closed = _timed(lambda: el.two_layer_ntk(x2, width=40960))
+    return {"examples": m, "hidden": hidden, "mlp_ntk_seconds": t_fast,
+            "empirical_ntk_examples": m_gen, "empirical_ntk_seconds": t_gen,
+            "max_rel_diff": diff, "two_layer_ntk_2000_seconds": t_closed}
+
+
+def bench_dan_record(seed: int = 0) -> dict:
+    import torch.nn.functional as F
+
+    from lesde.nets import ResNet18ImageNet
+
+    torch.manual_seed(seed)
+    net = ResNet18ImageNet(3)
+    g = torch.Generator().manual_seed(seed)
+    xp = torch.randn(60, 3, 32, 32, generator=g)
+    yp = torch.arange(3).repeat_interleave(20)
+    _, t_rec = _timed(lambda: el.class_elasticity(net, xp, yp, lr=1e-4))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    xb = torch.randn(256, 3, 32, 32, generator=g)
+    yb = torch.randint(0, 3, (256,), generator=g)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(xb), yb).backward()
+        opt.step()
+
+    step()
+    _, t_step = _timed(step)
+    run = 49 * t_rec + 7 * 58 * t_step
+    return {"params": sum(p.numel() for p in net.parameters()), "record_seconds": t_rec,
+            "train_step_seconds": t_step, "run_minutes": run / 60}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -105,6 +158,16 @@ def main(argv=None) -> int:
     print(f"measure_impacts per logged step, {imp['net']} ({imp['params']} params), "
           f"{imp['tracked']} tracked samples, float32:")
     print(f"  logits: {imp['logits_seconds']:.2f} s   features: {imp['features_seconds']:.2f} s")
+    res["two_layer"] = tl = bench_two_layer(200 if args.quick else args.m, 512)
+    print(f"two-layer NTK, M = {tl['examples']}, 3072-{tl['hidden']}-1 MLP, float64: mlp_ntk "
+          f"{tl['mlp_ntk_seconds']:.2f} s; empirical_ntk on {tl['empirical_ntk_examples']}: "
+          f"{tl['empirical_ntk_seconds']:.2f} s (max rel. difference {tl['max_rel_diff']:.1e}); "
+          f"two_layer_ntk (width 40,960) on 2,000: {tl['two_layer_ntk_2000_seconds']:.2f} s")
+    if not args.quick:
+        res["dan_record"] = dr = bench_dan_record()
+        print(f"Dan et al. record, ResNet-18 ImageNet layout without BatchNorm ({dr['params']} "
+              f"params): {dr['record_seconds']:.1f} s per record, {dr['train_step_seconds']:.2f} s "
+              f"per minibatch of 256; a 49-record 7-epoch run: {dr['run_minutes']:.0f} min")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

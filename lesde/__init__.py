@@ -55,7 +55,8 @@ _EXPORTS = {
         "tail_index",
     ),
     "phase": ("PhaseSpec", "load_sweep", "run_sweep"),
-    "nets": ("NETS", "MLP", "FeatureNet", "LeNet", "ResNet18", "ResNet20", "build_net"),
+    "nets": ("NETS", "MLP", "FeatureNet", "LeNet", "ResNet18", "ResNet18ImageNet", "ResNet20",
+             "build_net", "elephant"),
     "elasticity": (
         "ImpactMeasurement",
         "class_elasticity",
@@ -70,6 +71,11 @@ _EXPORTS = {
         "similarity_matrix",
         "torus_locality",
         "track_elasticity",
+        "two_layer_ntk",
+        "mlp_ntk",
+        "ntk_cluster_pair",
+        "clustering_chance",
+        "locality_statistics",
     ),
 }
 
@@ -90,6 +96,8 @@ __all__ = [
     "empirical_ntk", "measure_impacts", "ImpactMeasurement", "relative_similarity",
     "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",
     "clustering_accuracy", "cluster_pair", "torus_locality", "class_elasticity", "track_elasticity",
+    "two_layer_ntk", "mlp_ntk", "ntk_cluster_pair", "clustering_chance", "locality_statistics",
+    "ResNet18ImageNet", "elephant",
 ]
 
 _ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1113,12 +1113,24 @@ def _add_elasticity(sub):
         q.add_argument("--classes", nargs="+", default=classes, help="class names or indices")
         q.add_argument("--per-class", type=int, default=per_class)
 
-    t = jobs.add_parser("torus", help="S_rel vs geodesic distance, ReLU vs linear MLP")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    def act_args(q, default):
+        q.add_argument("--activations", nargs="+", default=default,
+                       help="relu, tanh, linear, elephant (PyTorch's initialisation) and "
+                       "elephant_spread (first-layer biases spread, --bias-spread)")
+        q.add_argument("--elephant-a", type=float, default=None, help="elephant half-width a")
+        q.add_argument("--elephant-d", type=float, default=4.0, help="elephant power d")
+        q.add_argument("--bias-spread", type=float, default=None,
+                       help="sd of the evenly spread first-layer biases of elephant_spread")
+
+    t = jobs.add_parser("torus", help="S_rel vs geodesic distance on the torus curves, per "
+                        "activation, at initialisation and after training")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     t.add_argument("--hidden", type=int, default=512)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--lr-relu", type=float, default=0.01)
+    t.add_argument("--steps", type=int, nargs="+", default=[0, 2000],
+                   help="full-batch SGD steps before probing (0 = at initialisation)")
+    t.add_argument("--lr", type=float, default=0.01, help="SGD step (the linear net uses --lr-linear)")
     t.add_argument("--lr-linear", type=float, default=0.001)
+    act_args(t, ["relu", "tanh", "elephant", "elephant_spread", "linear"])
 
     m = jobs.add_parser("matrix", help="pairwise S matrix (row = update, column = probe)")
     data_args(m, ["0", "1"], 50)
@@ -1129,29 +1141,76 @@ def _add_elasticity(sub):
     m.add_argument("--hidden", type=int, default=512)
     m.add_argument("--activation", default="relu", help="relu, tanh or linear")
 
-    c = jobs.add_parser("cluster", help="He & Su's LE clustering of class pairs + baselines")
+    c = jobs.add_parser("cluster", help="He & Su's LE clustering of class pairs + baselines, "
+                        "several seeds, with chance levels")
     c.add_argument("--data", default="digits")
     c.add_argument("--pairs", nargs="+", default=["3-5"],
                    help="class pairs a-b, e.g. automobile-cat deer-dog (or 3-5 for digits)")
     c.add_argument("--per-class", type=int, default=500, help="primary images per class")
-    c.add_argument("--aux-per-class", type=int, default=50, help="auxiliary images from each other class")
-    c.add_argument("--activations", nargs="+", default=["relu", "linear"])
-    c.add_argument("--hidden", type=int, default=512)
-    c.add_argument("--epochs", type=int, default=20)
-    c.add_argument("--lr", type=float, default=0.01)
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--method", choices=["ntk", "step"], default="ntk")
+    c.add_argument("--aux", choices=["hesu", "others"], default="hesu",
+                   help="hesu: He & Su's auxiliary classes for the pair (CIFAR-10), --aux-total "
+                   "images; others: --aux-per-class from each other class")
+    c.add_argument("--aux-total", type=int, default=1000)
+    c.add_argument("--aux-per-class", type=int, default=50)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="each seed: data sample, initialisation, shuffling, K-means")
+    c.add_argument("--kernel-widths", nargs="*", default=["inf", "40960"],
+                   help="widths of the closed-form two-layer NTK (relu and linear; 'inf' = limit)")
+    c.add_argument("--outputs", nargs="+", default=["logits", "probabilities"],
+                   choices=["logits", "probabilities"])
+    c.add_argument("--trained-width", type=int, default=0,
+                   help="also train real networks of this width (0: none), --activations")
+    c.add_argument("--init-kernel-width", type=int, default=0,
+                   help="also networks of this width in the kernel regime: the exact NTK at "
+                   "initialisation, trained in function space (0: none), --activations")
+    act_args(c, ["relu", "linear"])
+    c.add_argument("--epochs", type=int, default=200)
+    c.add_argument("--lr", type=float, default=3e-3,
+                   help="SGD step at width 40,960 (He & Su); a width-m network uses lr * 40960 / m, "
+                   "the same step in function space")
+    c.add_argument("--batch-size", type=int, default=500)
+    c.add_argument("--loss", choices=["bce", "mse"], default="bce")
+    c.add_argument("--replot", action="store_true",
+                   help="only redraw clustering.png from the clustering_summary.csv in --out")
 
-    k = jobs.add_parser("track", help="Dan et al.: S_rel (KL and norm) during training")
+    k = jobs.add_parser("track", help="Dan et al.: S_rel (KL, norm ratios) during training, "
+                        "several runs, resumable")
     data_args(k, ["airplane", "automobile", "ship"], 5000)
-    k.add_argument("--net", default="resnet18")
-    k.add_argument("--width", type=float, default=0.25)
+    k.add_argument("--net", default="resnet18_imagenet",
+                   help="resnet18_imagenet (Dan et al.'s, no BatchNorm), resnet18 (CIFAR layout, "
+                   "no BatchNorm) or mlp (one hidden layer, --hidden, --activation)")
+    k.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNets")
+    k.add_argument("--hidden", type=int, default=512, help="MLP width")
+    k.add_argument("--activation", default="relu",
+                   help="MLP activation (relu, tanh, elephant, elephant_spread, linear)")
+    k.add_argument("--elephant-a", type=float, default=None, help="elephant half-width a (default 0.25)")
+    k.add_argument("--elephant-d", type=float, default=4.0)
+    k.add_argument("--bias-spread", type=float, default=None,
+                   help="sd of the spread first-layer biases of elephant_spread")
     k.add_argument("--probes", type=int, default=20, help="probe examples per class")
-    k.add_argument("--test-per-class", type=int, default=500)
+    k.add_argument("--test-per-class", type=int, default=1000, help="held-out test images per class")
     k.add_argument("--epochs", type=int, default=7)
-    k.add_argument("--batch-size", type=int, default=128)
+    k.add_argument("--batch-size", type=int, default=256)
     k.add_argument("--lr", type=float, default=1e-4)
+    k.add_argument("--weight-decay", type=float, default=1e-4)
     k.add_argument("--every", type=int, default=9, help="minibatches between records")
+    k.add_argument("--schedule", choices=["epoch", "global"], default="epoch",
+                   help="epoch: after minibatch b of each epoch with b %% every == 0 (their code)")
+    k.add_argument("--augment", choices=["once", "none"], default="once",
+                   help="random crop (pad 4) + flip applied once to the training set (their code)")
+    k.add_argument("--normalize", choices=["dan", "half"], default="dan",
+                   help="dan: their channel mean/std; half: (x - 0.5) / 0.5")
+    k.add_argument("--runs", type=int, default=3, help="independent runs, seeds SEED..SEED+RUNS-1")
+    k.add_argument("--run-ids", type=int, nargs="+", default=None,
+                   help="only these runs (0-based; e.g. to share them between two processes); the "
+                   "summary then covers the runs of --out that are complete")
+    k.add_argument("--work", default=None,
+                   help="checkpoints and per-pair matrices (default runs/elasticity/<name of --out>)")
+    k.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over probes")
+
+    cmp_ = jobs.add_parser("compare", help="tracking runs of --out against Dan et al.'s released "
+                           "curves, record by record")
+    cmp_.add_argument("--reference", required=True, help="srel_curves.csv of the released curves")
 
 
 def _run_elasticity(args):
@@ -1204,18 +1263,7 @@ def _run_elasticity(args):
         print(f"wrote {os.path.join(args.out, name)}")
 
     if args.job == "torus":
-        rows, results = [], {}
-        for act, lr in (("relu", args.lr_relu), (None, args.lr_linear)):
-            for seed in args.seeds:
-                r = el.torus_locality(act, seed=seed, hidden=args.hidden, steps=args.steps, lr=lr)
-                rows.append({"network": act or "linear", "seed": seed, "pearson": r.pearson,
-                             "train_accuracy": r.train_accuracy, "final_loss": r.final_loss})
-                print(f"{act or 'linear':6s} seed {seed}: Pearson {r.pearson:+.3f}")
-                results.setdefault(act or "linear", r)
-        figures.plot_torus_locality(results, os.path.join(args.out, "torus_locality.png"))
-        write_csv("torus_locality.csv", rows)
-        return 0
-
+        return _elasticity_torus(args, write_csv)
     if args.job == "matrix":
         x, y = load(args.data, args.classes, args.per_class)
         torch.manual_seed(args.seed)
@@ -1233,49 +1281,401 @@ def _run_elasticity(args):
         return 0
 
     if args.job == "cluster":
-        rows = []
-        names = all_classes(args.data)
-        for pair in args.pairs:
-            a, b = pair.split("-")
-            others = [c for c in names if c not in (a, b) and str(names.index(c)) not in (a, b)]
-            xp, yp = load(args.data, [a, b], args.per_class)
-            xa, _ = load(args.data, others, args.aux_per_class)
-            for act in args.activations:
-                torch.manual_seed(args.seed)
-                net = MLP(xp[0].numel(), hidden=(args.hidden,), num_classes=1,
-                          activation=None if act == "linear" else act)
-                res = el.cluster_pair(net, xp, yp, xa, epochs=args.epochs, lr=args.lr,
-                                      batch_size=args.batch_size, method=args.method,
-                                      baselines=(act == args.activations[0]), seed=args.seed,
-                                      progress=progress)
-                for meth, acc in res.accuracy.items():
-                    net_name = act if not meth.startswith(("kmeans_raw", "pca")) else "-"
-                    rows.append({"pair": pair, "network": net_name, "method": meth, "accuracy": round(acc, 4)})
-                    print(f"{pair:18s} {net_name:7s} {meth:18s} {acc:.3f}")
-        write_csv("clustering.csv", rows)
-        return 0
+        return _elasticity_cluster(args, load, all_classes, write_csv, progress)
+    if args.job == "compare":
+        return _elasticity_compare(args, write_csv)
+    return _elasticity_track(args, load, progress)
 
-    # track
-    x, y = load(args.data, args.classes, args.per_class)
-    xt, yt = load(args.data, args.classes, args.test_per_class, split="test")
-    rng = np.random.default_rng(args.seed)
-    probe = np.concatenate([rng.choice(np.where(y.numpy() == c)[0], args.probes, replace=False)
-                            for c in range(len(args.classes))])
-    torch.manual_seed(args.seed)
-    if args.net == "mlp":
-        net = MLP(x[0].numel(), hidden=(512,), num_classes=len(args.classes))
-    else:
-        net = build_net(args.net, len(args.classes), width=args.width, batchnorm=False, in_channels=x.shape[1])
-    frame = el.track_elasticity(net, x, y, x[probe], y[probe], epochs=args.epochs, batch_size=args.batch_size,
-                                lr=args.lr, every=args.every, x_test=xt, y_test=yt, seed=args.seed,
-                                progress=progress)
-    frame.to_csv(os.path.join(args.out, "tracking.csv"), index=False)
-    summary = {m: el.tracking_summary(frame, m) for m in ("kl", "kl_compat", "norm")}
+
+def _activation_spec(name, args, default_a):
+    """(activation, activation_kwargs, bias_spread) of an activation name of the elasticity jobs."""
+    if name == "linear":
+        return None, None, None
+    if name in ("elephant", "elephant_spread"):
+        kw = {"a": args.elephant_a if args.elephant_a is not None else default_a, "d": args.elephant_d}
+        if name == "elephant":
+            return "elephant", kw, None
+        if args.bias_spread is None:
+            raise SystemExit("elephant_spread needs --bias-spread")
+        return "elephant", kw, args.bias_spread
+    return name, None, None
+
+
+def _elasticity_torus(args, write_csv) -> int:
+    """Torus locality per activation and seed, at initialisation and after training."""
+    import os
+
+    import numpy as np
+
+    from . import elasticity as el
+    from . import figures
+
+    rows, profiles = [], {}
+    if args.bias_spread is None:
+        args.bias_spread = 5.4   # 2 x the pre-activation sd at PyTorch's initialisation on the torus
+    for name in args.activations:
+        act, kw, spread = _activation_spec(name, args, default_a=1.0)
+        for steps in args.steps:
+            for seed in args.seeds:
+                r = el.torus_locality(act, seed=seed, hidden=args.hidden, steps=steps,
+                                      lr=args.lr_linear if name == "linear" else args.lr,
+                                      activation_kwargs=kw, bias_spread=spread)
+                near_far = float(r.bin_means[0] / np.mean(r.bin_means[-3:]))
+                row = {"network": name, "steps": steps, "seed": seed, "pearson": round(r.pearson, 4),
+                       "pearson_abscos": round(r.pearson_abscos, 4), "monotone": int(r.monotone),
+                       "near_far": round(near_far, 3), "train_accuracy": r.train_accuracy,
+                       "final_loss": round(r.final_loss, 4)}
+                row.update({f"bin{b}": round(float(v), 4) for b, v in enumerate(r.bin_means)})
+                rows.append(row)
+                profiles.setdefault((name, steps), []).append(r.bin_means)
+                print(f"{name:16s} steps {steps:5d} seed {seed}: Pearson {r.pearson:+.3f}, "
+                      f"|cos| {r.pearson_abscos:+.3f}, monotone {r.monotone}, near/far {near_far:.2f}")
+    write_csv("torus_locality.csv", rows)
+    import pandas as pd
+
+    tab = pd.DataFrame(rows)
+    agg = tab.groupby(["network", "steps"], sort=False).agg(
+        pearson_mean=("pearson", "mean"), pearson_sd=("pearson", "std"),
+        abscos_mean=("pearson_abscos", "mean"), abscos_sd=("pearson_abscos", "std"),
+        monotone_frac=("monotone", "mean"), near_far_mean=("near_far", "mean"),
+        near_far_sd=("near_far", "std"), train_accuracy=("train_accuracy", "mean"),
+        seeds=("seed", "count")).reset_index().round(4)
+    write_csv("torus_summary.csv", agg.to_dict("records"))
+    edges = np.linspace(0, np.pi, len(next(iter(profiles.values()))[0]) + 1)
+    figures.plot_torus_profiles(profiles, edges, os.path.join(args.out, "torus_locality.png"))
+    return 0
+
+
+_HESU_AUX = {frozenset(("automobile", "cat")): ["bird"],
+             frozenset(("automobile", "horse")): ["cat", "bird"],
+             frozenset(("bird", "cat")): ["automobile"],
+             frozenset(("deer", "dog")): ["frog"],
+             frozenset(("automobile", "bird")): ["cat"],
+             frozenset(("deer", "frog")): ["dog"]}
+"""He & Su's auxiliary (label-0) classes for their CIFAR-10 pairs (their run scripts)."""
+
+
+def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
+    """He & Su's clustering over pairs and seeds: closed-form wide networks, optionally trained
+    finite networks, baselines; per-seed table and a summary with chance levels."""
+    import math
+    import os
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from . import elasticity as el
+    from . import figures
+    from .nets import MLP
+
+    if args.replot:
+        figures.plot_clustering_summary(pd.read_csv(os.path.join(args.out, "clustering_summary.csv"),
+                                                    keep_default_na=False, na_values=[""]),
+                                        os.path.join(args.out, "clustering.png"))
+        return 0
+    rows = []
+    names = all_classes(args.data)
+    if args.bias_spread is None:
+        args.bias_spread = 0.6   # 2 x the pre-activation sd at PyTorch's initialisation on CIFAR-10
+    for pair in args.pairs:
+        a, b = pair.split("-")
+        if args.aux == "hesu" and args.data != "digits":
+            aux = _HESU_AUX.get(frozenset((a, b)))
+            if aux is None:
+                raise SystemExit(f"no He & Su auxiliary classes known for {pair}; use --aux others")
+            aux_per = [args.aux_total // len(aux)] * len(aux)
+        else:
+            aux = [c for c in names if c not in (a, b) and str(names.index(c)) not in (a, b)]
+            aux_per = [args.aux_per_class] * len(aux)
+        for seed in args.seeds:
+            xp, yp = load(args.data, [a, b], args.per_class, seed=seed)
+            xa = torch.cat([load(args.data, [c], n, seed=seed)[0] for c, n in zip(aux, aux_per)])
+
+            def add(res, network, width, output):
+                for meth, acc in res.accuracy.items():
+                    base = meth.startswith(("kmeans_raw", "pca"))
+                    rows.append({"pair": pair, "seed": seed, "network": "-" if base else network,
+                                 "width": "-" if base else width, "output": "-" if base else output,
+                                 "method": meth, "accuracy": round(acc, 4)})
+                print(f"{pair:18s} seed {seed} {network:16s} {width:>6} {output:13s} "
+                      + " ".join(f"{m} {v:.3f}" for m, v in res.accuracy.items()))
+
+            first = True
+            for width in args.kernel_widths:
+                w = math.inf if width == "inf" else float(width)
+                for act in ("relu", "linear"):
+                    for output in args.outputs:
+                        if output == "probabilities" and math.isinf(w):
+                            continue
+                        res = el.ntk_cluster_pair(xp, yp, xa, activation=None if act == "linear" else act,
+                                                  width=w, output=output, loss=args.loss, lr=args.lr,
+                                                  epochs=args.epochs, batch_size=args.batch_size,
+                                                  seed=seed, baselines=first)
+                        first = False
+                        add(res, f"{act} (NTK)", width, output)
+            if args.init_kernel_width:
+                x_all = torch.cat([xp, xa])
+                for name in args.activations:
+                    act, kw, spread = _activation_spec(name, args, default_a=0.1)
+                    torch.manual_seed(seed)
+                    net = MLP(xp[0].numel(), hidden=(args.init_kernel_width,), num_classes=1,
+                              activation=act, activation_kwargs=kw, bias_spread=spread).double()
+                    theta = el.mlp_ntk(net, x_all)
+                    for output in args.outputs:
+                        res = el.ntk_cluster_pair(xp, yp, xa, output=output, loss=args.loss,
+                                                  lr=args.lr * 40960 / args.init_kernel_width,
+                                                  epochs=args.epochs, batch_size=args.batch_size,
+                                                  seed=seed, baselines=first, theta=theta)
+                        first = False
+                        add(res, f"{name} (init NTK)", args.init_kernel_width, output)
+            if args.trained_width:
+                for name in args.activations:
+                    act, kw, spread = _activation_spec(name, args, default_a=0.1)
+                    torch.manual_seed(seed)
+                    net = MLP(xp[0].numel(), hidden=(args.trained_width,), num_classes=1, activation=act,
+                              activation_kwargs=kw, bias_spread=spread)
+                    lr = args.lr * 40960 / args.trained_width
+                    res = el.cluster_pair(net, xp, yp, xa, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
+                                          loss=args.loss, output=args.outputs[0], seed=seed, baselines=first,
+                                          progress=progress)
+                    first = False
+                    add(res, name, args.trained_width, args.outputs[0])
+                    if len(args.outputs) > 1:   # the other output of the same trained network
+                        with torch.no_grad():
+                            z = net(xp).reshape(-1)
+                        for output in args.outputs[1:]:
+                            s_rel, s_ker = el.kernel_similarities(el.mlp_ntk(net, xp), z, output)
+                            res2 = el._finish_clustering(yp.numpy(), xp, s_rel, s_ker, seed, False, 100,
+                                                         False, res.history, output)
+                            add(res2, name, args.trained_width, output)
+    write_csv("clustering.csv", rows)
+    tab = pd.DataFrame(rows)
+    agg = tab.groupby(["pair", "network", "width", "output", "method"], sort=False)["accuracy"].agg(
+        ["mean", "std", "count"]).reset_index()
+    chance = {}
+    for pair in tab["pair"].unique():
+        ch = el.clustering_chance((args.per_class, args.per_class))
+        chance[pair] = ch
+    agg["chance_mean"] = [chance[p]["mean"] for p in agg["pair"]]
+    agg["chance_sd"] = [chance[p]["sd"] for p in agg["pair"]]
+    agg["chance_q95"] = [chance[p]["q95"] for p in agg["pair"]]
+    agg = agg.rename(columns={"mean": "accuracy_mean", "std": "accuracy_sd", "count": "seeds"}).round(4)
+    write_csv("clustering_summary.csv", agg.to_dict("records"))
+    figures.plot_clustering_summary(agg, os.path.join(args.out, "clustering.png"))
+    return 0
+
+
+def _elasticity_track(args, load, progress) -> int:
+    """Dan et al.'s tracking protocol, ``--runs`` runs, each resumable; per-run CSVs and a
+    summary with chance levels, bands over runs and bootstrap bands over probes."""
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    from . import elasticity as el
+    from . import figures
+    from .nets import MLP, ResNet18ImageNet, build_net
+
+    work = args.work or os.path.join("runs", "elasticity", os.path.basename(os.path.normpath(args.out)))
+    os.makedirs(work, exist_ok=True)
+    mean = torch.tensor(el.DAN_CIFAR10_MEAN if args.normalize == "dan" else (0.5,) * 3)[None, :, None, None]
+    std = torch.tensor(el.DAN_CIFAR10_STD if args.normalize == "dan" else (0.5,) * 3)[None, :, None, None]
+
+    def inputs(split, per_class, seed, augment):
+        x, y = load(args.data, args.classes, per_class, split=split, seed=seed)
+        if args.data != "digits":   # [-1, 1] -> [0, 1], augment, normalise
+            x = (x + 1) / 2
+            if augment:
+                x = el.crop_flip(x, pad=4, fill=0.0, seed=seed)
+            x = (x - mean) / std
+        return x, y
+
+    frames, pairs_last = [], []
+    for r in (args.run_ids if args.run_ids is not None else range(args.runs)):
+        seed = args.seed + r
+        csv_path = os.path.join(args.out, f"run{r}_tracking.csv")
+        pairs_path = os.path.join(work, f"run{r}_pairs.npz")
+        if os.path.exists(csv_path) and os.path.exists(pairs_path):
+            import pandas as pd
+
+            print(f"run {r}: {csv_path} exists, kept")
+            frames.append(pd.read_csv(csv_path))
+            pairs_last.append(dict(np.load(pairs_path)))
+            continue
+        x, y = inputs("train", args.per_class, seed, args.augment == "once")
+        xt, yt = inputs("test", args.test_per_class, seed, False)
+        rng = np.random.default_rng(seed)
+        probe = np.concatenate([rng.choice(np.where(y.numpy() == c)[0], args.probes, replace=False)
+                                for c in range(len(args.classes))])
+        torch.manual_seed(seed)
+        if args.net == "mlp":
+            act, kw, spread = _activation_spec(args.activation, args, default_a=0.25)
+            net = MLP(x[0].numel(), hidden=(args.hidden,), num_classes=len(args.classes),
+                      activation=act, activation_kwargs=kw, bias_spread=spread)
+        elif args.net == "resnet18_imagenet":
+            net = ResNet18ImageNet(len(args.classes), width=args.width, in_channels=x.shape[1])
+        else:
+            net = build_net(args.net, len(args.classes), width=args.width, batchnorm=False,
+                            in_channels=x.shape[1])
+        frame, pairs = el.track_elasticity(
+            net, x, y, x[probe], y[probe], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, every=args.every, schedule=args.schedule, x_test=xt, y_test=yt,
+            seed=seed, checkpoint=os.path.join(work, f"run{r}_checkpoint.pt"), return_pairs=True,
+            progress=progress)
+        np.savez_compressed(pairs_path, labels=y[probe].numpy(), **pairs)
+        frame.to_csv(csv_path, index=False)
+        print(f"run {r}: wrote {csv_path} ({len(frame)} records), final test accuracy "
+              f"{frame['test_acc'].iloc[-1]:.3f}")
+        frames.append(frame)
+        pairs_last.append(dict(np.load(pairs_path)))
+    if args.run_ids is not None:   # summarise every complete run of --out, not only these
+        import pandas as pd
+
+        frames, pairs_last = [], []
+        for r in range(args.runs):
+            csv_path = os.path.join(args.out, f"run{r}_tracking.csv")
+            pairs_path = os.path.join(work, f"run{r}_pairs.npz")
+            if os.path.exists(csv_path) and os.path.exists(pairs_path):
+                frames.append(pd.read_csv(csv_path))
+                pairs_last.append(dict(np.load(pairs_path)))
+        if len(frames) < args.runs:
+            print(f"{len(frames)} of {args.runs} runs complete; summary written when all are")
+            return 0
+    summary = _tracking_summary(frames, pairs_last, args.bootstrap, args.seed)
+    summary["protocol"] = {k: getattr(args, k) for k in (
+        "net", "width", "hidden", "activation", "elephant_a", "elephant_d", "bias_spread", "classes", "per_class",
+        "probes", "epochs", "batch_size", "lr", "weight_decay", "every", "schedule", "augment",
+        "normalize", "runs", "seed")}
     with open(os.path.join(args.out, "tracking_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
-    figures.plot_elasticity_tracking(frame, [str(c) for c in args.classes], os.path.join(args.out, "tracking.png"))
-    print(f"wrote {args.out}/tracking.csv, tracking_summary.json, tracking.png")
+    for m, v in summary["measures"].items():
+        print(f"{m:12s} frac {v['frac_same_exceeds']['mean']:.3f} +- {v['frac_same_exceeds']['sd']:.3f} "
+              f"(chance {v['frac_chance']:.3f}); last-epoch ratio {v['last_epoch_ratio']['mean']:.3f} "
+              f"+- {v['last_epoch_ratio']['sd']:.3f}; double log-ratio last epoch "
+              f"{v['double_log_ratio_last_epoch']['mean']:+.3f} +- {v['double_log_ratio_last_epoch']['sd']:.3f}")
+    figures.plot_tracking_statistics(frames, [str(c) for c in args.classes],
+                                     os.path.join(args.out, "tracking.png"))
+    figures.plot_elasticity_tracking(frames[0], [str(c) for c in args.classes],
+                                     os.path.join(args.out, "tracking_curves_run0.png"))
+    print(f"wrote {args.out}/tracking_summary.json, tracking.png")
+    return 0
+
+
+def _tracking_summary(frames, pairs, n_boot, seed) -> dict:
+    """Per measure: the mean and sd over runs of each tracking_summary number, and the bootstrap
+    band over probes of the last record's double log-ratio, per run."""
+    import numpy as np
+
+    from . import elasticity as el
+
+    out = {"runs": len(frames), "records": [int(len(f)) for f in frames], "measures": {}}
+    measures = [m for m in el.TRACK_MEASURES if f"{m}_0_0" in frames[0].columns]
+    for m in measures:
+        per_run = [el.tracking_summary(f, m) for f in frames]
+        entry = {"frac_chance": per_run[0]["frac_chance"]}
+        for key in ("frac_same_exceeds", "last_epoch_ratio", "double_log_ratio_first",
+                    "double_log_ratio_last_epoch"):
+            vals = np.array([p[key] for p in per_run])
+            entry[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                          "runs": vals.tolist()}
+        entry["frac_per_class"] = [p["frac_per_class"] for p in per_run]
+        entry["last_record_band"] = [
+            el.locality_band(p[m][-1], p["labels"], n_boot=n_boot, seed=seed) for p in pairs if m in p]
+        # bootstrap over the probes of the last epoch's mean double log-ratio (the same resampled
+        # probes at every record of the epoch), per run: (estimate, 2.5%, 97.5%)
+        bands = []
+        for f, p in zip(frames, pairs):
+            if m not in p:
+                continue
+            ep = f["epoch"].to_numpy()
+            last = np.flatnonzero(ep > np.ceil(ep.max()) - 1)
+            boot = np.mean([el.locality_statistics(el.bootstrap_class_means(
+                p[m][t], p["labels"], n_boot, seed))["double_log_ratio"] for t in last], axis=0)
+            est = float(np.mean([el.locality_statistics(el._measure_matrices(f.iloc[[t]], m))[
+                "double_log_ratio"][0] for t in last]))
+            bands.append([est, float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))])
+        entry["double_log_ratio_last_epoch_band"] = bands
+        out["measures"][m] = entry
+    out["final_test_acc"] = [float(f["test_acc"].iloc[-1]) for f in frames]
+    out["final_train_acc"] = [float(f["train_acc"].iloc[-1]) for f in frames]
+    return out
+
+
+def _elasticity_compare(args, write_csv) -> int:
+    """Record-by-record comparison of the runs in --out with Dan et al.'s released curves."""
+    import glob
+    import os
+
+    import numpy as np
+    import pandas as pd
+
+    from . import elasticity as el
+    from . import figures
+
+    paths = sorted(glob.glob(os.path.join(args.out, "run*_tracking.csv")))
+    if not paths:
+        raise SystemExit(f"no run*_tracking.csv in {args.out}: run `lesde elasticity --out {args.out} track` first")
+    frames = [pd.read_csv(p) for p in paths]
+    pairs = [("kl_compat", "kl"), ("suhe_compat", "suhe"), ("kl", None), ("norm_prob", None), ("norm", None)]
+    rows = []
+    ours_all, refs_all = {}, {}
+    for ours, ref in pairs:
+        if f"{ours}_0_0" not in frames[0].columns:
+            continue
+        st = [el.locality_statistics(el._measure_matrices(f, ours)) for f in frames]
+        n = min(len(f) for f in frames)
+        ours_all[ours] = st
+        rst = None
+        if ref is not None:
+            R = el.read_reference_curves(args.reference, "cifar10", ref)   # [runs, T, K, K]
+            rst = el.locality_statistics(R)
+            refs_all[ref] = rst
+            n = min(n, R.shape[1])
+        for t in range(n):
+            row = {"ours": ours, "reference": ref or "-", "record": t, "step": int(frames[0]["step"].iloc[t]),
+                   "epoch": float(frames[0]["epoch"].iloc[t])}
+            for name, key in (("frac", "frac_same_exceeds"), ("ratio", "ratio"), ("dlr", "double_log_ratio")):
+                v = np.array([s[key][t].mean() if key == "frac_same_exceeds" else s[key][t] for s in st])
+                row[f"{name}_ours"] = round(float(v.mean()), 4)
+                row[f"{name}_ours_sd"] = round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0
+                if rst is not None:
+                    w = rst[key][:, t].mean(-1) if key == "frac_same_exceeds" else rst[key][:, t]
+                    row[f"{name}_ref"] = round(float(w.mean()), 4)
+                    row[f"{name}_ref_sd"] = round(float(w.std(ddof=1)), 4)
+            rows.append(row)
+    write_csv("dan_comparison.csv", rows)
+    table = pd.DataFrame(rows)
+    table["epoch_index"] = np.floor(table["epoch"] - 1e-9).clip(lower=0).astype(int)
+    agg = table.groupby(["ours", "reference", "epoch_index"]).mean(numeric_only=True).reset_index()
+    agg = agg.drop(columns=["record", "step", "epoch"]).round(4)
+    write_csv("dan_comparison_by_epoch.csv", agg.to_dict("records"))
+    metrics = os.path.join(os.path.dirname(args.reference), "metrics_cifar10.csv")
+    if os.path.exists(metrics):   # accuracies per epoch beside theirs
+        ref = pd.read_csv(metrics)
+        acc_rows = []
+        for e in sorted(ref["index"].unique()):
+            theirs = ref[ref["index"] == e]
+            ours_train, ours_test = [], []
+            for f in frames:
+                ep = np.floor(f["epoch"].to_numpy() - 1e-9).clip(min=0)
+                sel = f[ep == e]
+                if len(sel):
+                    ours_train.append(float(sel["train_acc"].mean()))
+                    ours_test.append(float(sel["test_acc"].iloc[-1]))
+            acc_rows.append({
+                "epoch_index": int(e),
+                "train_acc_ours": round(float(np.mean(ours_train)), 4) if ours_train else float("nan"),
+                "train_acc_ours_sd": round(float(np.std(ours_train, ddof=1)), 4) if len(ours_train) > 1 else 0.0,
+                "train_acc_ref": round(float(theirs["train_acc"].mean()), 4),
+                "train_acc_ref_sd": round(float(theirs["train_acc"].std(ddof=1)), 4),
+                "heldout_test_acc_ours": round(float(np.mean(ours_test)), 4) if ours_test else float("nan"),
+                "train_image_acc_ref": round(float(theirs["test_acc"].mean()), 4)})
+        write_csv("dan_accuracy.csv", acc_rows)
+    figures.plot_dan_comparison(table, os.path.join(args.out, "dan_comparison.png"))
+    print(f"wrote {os.path.join(args.out, 'dan_comparison.png')}")
     return 0
 
 

@@ -48,8 +48,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 __all__ = [
-    # empirical NTK and the direct measurement of the LE-SDE's impacts
+    # empirical NTK, its two-layer closed forms, and the direct measurement of the impacts
     "empirical_ntk",
+    "mlp_ntk",
+    "two_layer_ntk",
+    "kernel_similarities",
+    "ntk_train",
     "measure_impacts",
     "ImpactMeasurement",
     # He & Su / Dan et al. similarity measures
@@ -73,11 +77,22 @@ __all__ = [
     "torus_curves",
     "geodesic_distance",
     "torus_locality",
+    "locality_profile",
     "LocalityResult",
-    # tracking during training
+    # tracking during training, locality statistics and chance levels
+    "pair_elasticity",
     "class_elasticity",
     "track_elasticity",
+    "tracking_statistics",
     "tracking_summary",
+    "locality_statistics",
+    "bootstrap_class_means",
+    "locality_band",
+    "clustering_chance",
+    "crop_flip",
+    "TRACK_MEASURES",
+    "read_reference_curves",
+    "ntk_cluster_pair",
 ]
 
 LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
@@ -592,10 +607,12 @@ class StepChanges:
         delta: Delta_i f(x'_j) = f(x'_j; w_i+) - f(x'_j; w) [Mu, Mp, q], w_i+ one step at
             (x_i, y_i) from w.
         self_delta: Delta_i f(x_i), the change at the update example itself [Mu, q].
-        loss_grad: dL/df at (x_i, y_i), f = the measured output (logits or features) [Mu, q].
+        loss_grad: dL/df at (x_i, y_i), f = the measured output (logits, features or, for a
+            scalar output, the sigmoid probability) [Mu, q].
         before_probe: f(x'_j; w) [Mp, q]; before_self: f(x_i; w) [Mu, q].
         lr: the step size eta; method: "ntk" (first order, exact eta -> 0 limit, SGD only)
             or "step" (an explicit optimizer step).
+        output: "logits", "features" or "probabilities" (what f is).
     """
 
     delta: Tensor
@@ -605,6 +622,7 @@ class StepChanges:
     before_self: Tensor
     lr: float
     method: str
+    output: str = "logits"
 
     def relative(self) -> Tensor:
         """S_rel(x_i, x'_j) = |Delta_i f(x'_j)| / |Delta_i f(x_i)|  [Mu, Mp] (Euclidean norm)."""
@@ -618,7 +636,15 @@ class StepChanges:
         least-squares coefficient <Delta_i f(x'_j), -eta s_i> / |eta s_i|^2, s_i = dL/df(x_i),
         which reduces to the scalar formula for q = 1. In the eta -> 0 limit with SGD it is
         s_i^T K(x'_j, x_i) s_i / |s_i|^2, i.e. K(x_i, x'_j) for scalar outputs.
+
+        For the sigmoid probability p of a scalar output (``output="probabilities"``),
+        s_i = dL/dp(x_i) as in He & Su's BCE models; the eta -> 0 limit is then
+        sigma'(z_i) sigma'(z'_j) K(x_i, x'_j). Not defined for softmax probabilities (dL/dp is
+        not unique on the simplex).
         """
+        if self.output == "probabilities" and self.delta.shape[-1] > 1:
+            raise ValueError("kernelized similarity of softmax probabilities is not defined "
+                             "(dL/dp is not unique on the simplex); use output='logits'")
         step = -self.lr * self.loss_grad
         return torch.einsum("ijq,iq->ij", self.delta, step) / (step ** 2).sum(-1)[:, None]
 
@@ -654,7 +680,15 @@ def one_step_changes(
         x: update examples [Mu, ...]; y: their labels [Mu] (class indices for "cross_entropy",
             0/1 for "bce", targets for "mse").
         x_probe: probes [Mp, ...] (default: ``x``, giving square matrices).
-        output: measure the change of the logits or of the penultimate ``features``.
+        output: what is measured: the ``"logits"`` (default), the penultimate ``"features"``,
+            or the ``"probabilities"`` g(z) of the logits z: the sigmoid for a scalar output
+            (He & Su's binary cross-entropy models measure this), the softmax otherwise. For an
+            explicit step Delta p = g(z + Delta z) - g(z); for ``method="ntk"`` its first
+            order, Delta p = J_g(z') Delta z (sigma'(z') Delta z' for the sigmoid), so that
+            S_rel(x, x') = sigma'(z') |K(x, x')| / (sigma'(z) K(x, x)) for a scalar output:
+            not a constant multiple of the logit S_rel. **[package choice]** the default is
+            the logits (the NTK quantity, He & Su's MSE models); :func:`cluster_pair` measures
+            the probability for ``loss="bce"``, as He & Su do.
         chunk, path: memory and algorithm of the NTK path (see :func:`measure_impacts`).
     """
     if method not in ("ntk", "step"):
@@ -664,6 +698,11 @@ def one_step_changes(
                          f"for optimizer={optimizer!r}")
     factory = _optimizer_factory(optimizer)
     loss_fn = _loss_fn(loss)
+    if output not in ("logits", "features", "probabilities"):
+        raise ValueError(f"output must be 'logits', 'features' or 'probabilities', got {output!r}")
+    prob = output == "probabilities"
+    if prob:
+        output = "logits"
     with _eval_mode(model, eval_mode):
         fn = _Functional(model, output)
         x = fn.as_input(x)
@@ -687,8 +726,44 @@ def one_step_changes(
         else:
             delta, self_delta = _explicit_steps(model, output, x, y, xp, square, lr, factory,
                                                 loss_fn, before_p, before_s)
-    return StepChanges(delta=delta.detach(), self_delta=self_delta.detach(), loss_grad=s,
-                       before_probe=before_p, before_self=before_s, lr=float(lr), method=method)
+    delta, self_delta = delta.detach(), self_delta.detach()
+    if prob:
+        return _to_probabilities(delta, self_delta, s, before_p, before_s, float(lr), method)
+    return StepChanges(delta=delta, self_delta=self_delta, loss_grad=s,
+                       before_probe=before_p, before_self=before_s, lr=float(lr), method=method,
+                       output=output)
+
+
+def _link(z: Tensor) -> Tensor:
+    """g(z): the sigmoid of a scalar output [.., 1], the softmax of a vector output."""
+    return torch.sigmoid(z) if z.shape[-1] == 1 else torch.softmax(z, dim=-1)
+
+
+def _link_jvp(z: Tensor, dz: Tensor) -> Tensor:
+    """J_g(z) dz, broadcasting z [.., q] against dz [.., q]: sigma'(z) dz, or for the softmax
+    p * (dz - <p, dz>)."""
+    if z.shape[-1] == 1:
+        p = torch.sigmoid(z)
+        return p * (1 - p) * dz
+    p = torch.softmax(z, dim=-1)
+    return p * (dz - (p * dz).sum(-1, keepdim=True))
+
+
+def _to_probabilities(delta, self_delta, s, z_probe, z_self, lr, method) -> StepChanges:
+    """Logit changes -> changes of g(z) (explicit: exact; ntk: first order)."""
+    if method == "step":
+        dp = _link(z_probe[None] + delta) - _link(z_probe)[None]
+        dps = _link(z_self + self_delta) - _link(z_self)
+    else:
+        dp = _link_jvp(z_probe[None], delta)
+        dps = _link_jvp(z_self, self_delta)
+    if z_self.shape[-1] == 1:   # dL/dp = dL/dz / sigma'(z)
+        p = torch.sigmoid(z_self)
+        grad_p = s / (p * (1 - p))
+    else:
+        grad_p = s
+    return StepChanges(delta=dp, self_delta=dps, loss_grad=grad_p, before_probe=_link(z_probe),
+                       before_self=_link(z_self), lr=lr, method=method, output="probabilities")
 
 
 def _explicit_steps(model, output, x, y, xp, square, lr, factory, loss_fn, before_p, before_s):
@@ -1049,15 +1124,43 @@ def train_classifier(model: nn.Module, x, y, *, epochs: int = 10, lr: float = 0.
 
 @dataclass
 class ClusteringResult:
-    """Result of :func:`cluster_pair`: ``accuracy`` (method -> score), ``labels`` (method ->
-    predicted clusters [n]), the symmetrised matrices ``s_rel`` and ``s_ker`` [n, n] (row =
-    update example, column = probe, before symmetrising), and the training ``history``."""
+    """Result of :func:`cluster_pair` / :func:`ntk_cluster_pair`: ``accuracy`` (method ->
+    score), ``labels`` (method -> predicted clusters [n]), the symmetrised matrices ``s_rel`` and
+    ``s_ker`` [n, n], the training ``history``, the ``output`` measured ("logits" or
+    "probabilities") and the ``chance`` level of the score for these class sizes
+    (:func:`clustering_chance`, balanced random split)."""
 
     accuracy: Dict[str, float]
     labels: Dict[str, np.ndarray]
     s_rel: Tensor
     s_ker: Tensor
     history: list = field(default_factory=list)
+    output: str = "logits"
+    chance: Dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_output(output: str, loss) -> str:
+    if output == "auto":
+        return "probabilities" if loss == "bce" else "logits"
+    if output not in ("logits", "probabilities"):
+        raise ValueError(f"output must be 'auto', 'logits' or 'probabilities', got {output!r}")
+    return output
+
+
+def _finish_clustering(truth, xp, s_rel, s_ker, seed, baselines, pca_components, normalize_kernel,
+                       history, output) -> ClusteringResult:
+    n_clusters = len(np.unique(truth))
+    s_rel = symmetrize(s_rel)
+    s_ker = symmetrize(s_ker, normalize=normalize_kernel)
+    labels = le_cluster(s_rel, s_ker, n_clusters, seed=seed)
+    if baselines:
+        labels.update(baseline_cluster(torch.as_tensor(xp).cpu(), n_clusters, seed=seed,
+                                       pca_components=pca_components))
+    acc = {name: clustering_accuracy(truth, lab) for name, lab in labels.items()}
+    sizes = np.unique(truth, return_counts=True)[1]
+    chance = clustering_chance(sizes) if len(sizes) == 2 else {}
+    return ClusteringResult(accuracy=acc, labels=labels, s_rel=s_rel, s_ker=s_ker,
+                            history=history, output=output, chance=chance)
 
 
 def cluster_pair(
@@ -1070,6 +1173,7 @@ def cluster_pair(
     lr: float = 0.01,
     batch_size: int = 32,
     loss: LossSpec = "bce",
+    output: str = "auto",
     method: str = "ntk",
     probe_lr: float = 1e-4,
     normalize_kernel: bool = False,
@@ -1085,14 +1189,21 @@ def cluster_pair(
        classes together, [n, ...]) and 0 on the auxiliary examples [n_aux, ...] (``loss`` "bce"
        or "mse"; minibatch SGD, ``epochs``, ``lr``, ``batch_size``, shuffling from ``seed``).
     2. Probe: for every primary example x_i, one SGD step at (x_i, 1) of size ``probe_lr``
-       (``method="step"``) or its exact eta -> 0 limit (``method="ntk"``, default, batched), and
-       the change Delta_i f at every primary example: S_rel, S_ker [n, n] (row = update example,
-       column = probe), symmetrised (S + S^T)/2; ``normalize_kernel`` uses
-       S_ij / sqrt(S_ii S_jj) for the kernel.
+       (``method="step"``) or its exact eta -> 0 limit (``method="ntk"``, default, batched; for a
+       one-hidden-layer ``lesde.nets.MLP`` through :func:`mlp_ntk`, seconds even for wide
+       networks), and the change Delta_i f at every primary example: S_rel, S_ker [n, n] (row =
+       update example, column = probe), symmetrised (S + S^T)/2; ``normalize_kernel`` uses
+       S_ij / sqrt(S_ii S_jj) for the kernel. ``output``: the change of the logit, or of the
+       sigmoid probability p = sigma(z) (He & Su's BCE networks, ``MLPProb``, measure this;
+       see :func:`kernel_similarities`); ``"auto"`` (default) = probabilities for ``loss="bce"``,
+       logits for ``"mse"``, as in their code.
     3. Cluster into two (:func:`le_cluster`) and, with ``baselines``, K-means on raw pixels and
        PCA(``pca_components``) + K-means (:func:`baseline_cluster`); score each with
-       :func:`clustering_accuracy` against ``labels_primary`` [n].
+       :func:`clustering_accuracy` against ``labels_primary`` [n]. Compare the scores with
+       ``result.chance`` (what a labelling that ignores the classes scores) and with their spread
+       over seeds before calling one method better than another.
     """
+    output = _resolve_output(output, loss)
     p0 = next(model.parameters())
     xp = torch.as_tensor(x_primary).to(device=p0.device, dtype=p0.dtype)
     xa = torch.as_tensor(x_aux).to(device=p0.device, dtype=p0.dtype)
@@ -1100,7 +1211,6 @@ def cluster_pair(
     if truth.shape[0] != xp.shape[0]:
         raise ValueError(f"labels_primary must have one label per primary example "
                          f"({xp.shape[0]}), got {truth.shape[0]}")
-    n_clusters = len(np.unique(truth))
     with torch.no_grad():
         q = model(xp[:1]).reshape(1, -1).shape[1]
     if q != 1:
@@ -1109,17 +1219,296 @@ def cluster_pair(
     y_train = torch.cat([torch.ones(len(xp)), torch.zeros(len(xa))]).to(p0.device)
     history = train_classifier(model, x_train, y_train, epochs=epochs, lr=lr,
                                batch_size=batch_size, loss=loss, seed=seed, progress=progress)
-    ch = one_step_changes(model, xp, torch.ones(len(xp), device=p0.device), lr=probe_lr,
-                          method=method, loss=loss, chunk=chunk)
-    s_rel = symmetrize(ch.relative())
-    s_ker = symmetrize(ch.kernelized(), normalize=normalize_kernel)
-    labels = le_cluster(s_rel, s_ker, n_clusters, seed=seed)
-    if baselines:
-        labels.update(baseline_cluster(xp.cpu(), n_clusters, seed=seed,
-                                       pca_components=pca_components))
-    acc = {name: clustering_accuracy(truth, lab) for name, lab in labels.items()}
-    return ClusteringResult(accuracy=acc, labels=labels, s_rel=s_rel, s_ker=s_ker,
-                            history=history)
+    if method == "ntk" and _two_layer_parts(model) is not None:
+        K = mlp_ntk(model, xp)
+        with torch.no_grad():
+            z = model(xp).reshape(-1).double()
+        s_rel, s_ker = kernel_similarities(K, z, output)
+    else:
+        ch = one_step_changes(model, xp, torch.ones(len(xp), device=p0.device), lr=probe_lr,
+                              method=method, loss=loss, chunk=chunk, output=output)
+        s_rel, s_ker = ch.relative(), ch.kernelized()
+    return _finish_clustering(truth, xp, s_rel, s_ker, seed, baselines, pca_components,
+                              normalize_kernel, history, output)
+
+
+def ntk_cluster_pair(
+    x_primary,
+    labels_primary,
+    x_aux,
+    *,
+    activation: Optional[str] = "relu",
+    width: float = 40960,
+    output: str = "auto",
+    loss: str = "bce",
+    lr: float = 3e-3,
+    epochs: int = 200,
+    batch_size: int = 500,
+    normalize_kernel: bool = False,
+    baselines: bool = True,
+    pca_components: int = 100,
+    seed: int = 0,
+    theta=None,
+) -> ClusteringResult:
+    """He & Su's clustering (:func:`cluster_pair`) for their two-layer network in the wide
+    limit, with no network at all: the kernel is :func:`two_layer_ntk` (``activation`` "relu"
+    or "linear", ``width`` m; PyTorch's initialisation), which does not move during training
+    at infinite width. ``theta`` [n + n_aux, n + n_aux] (primary examples first) replaces it by
+    any given NTK, e.g. the empirical NTK of a finite network at initialisation
+    (:func:`mlp_ntk`): the same computation in the lazy (kernel) regime of that network.
+
+    - ``output="logits"``: S_rel = |K_ij| / K_ii and S_ker = K; training does not enter.
+      ``width=math.inf`` gives the m -> infinity limit (up to a factor).
+    - ``output="probabilities"`` (the default for ``loss="bce"``, as in He & Su's ``MLPProb``):
+      the logits z of the primary examples after training come from the linearised network
+      trained in function space (:func:`ntk_train` on primary = 1, auxiliary = 0, from f = 0,
+      with their SGD settings ``lr``, ``epochs``, ``batch_size``: 3e-3, 200, 500 on CIFAR-10),
+      then :func:`kernel_similarities`. Needs a finite width (the kernel's scale sets the
+      training speed; He & Su's 40,960 by default).
+    """
+    output = _resolve_output(output, loss)
+    xp = _flat64(x_primary)
+    xa = _flat64(x_aux)
+    truth = np.asarray(torch.as_tensor(labels_primary).cpu()).reshape(-1)
+    if truth.shape[0] != xp.shape[0]:
+        raise ValueError(f"labels_primary must have one label per primary example "
+                         f"({xp.shape[0]}), got {truth.shape[0]}")
+    n = xp.shape[0]
+    if theta is not None:
+        theta = torch.as_tensor(theta, dtype=torch.float64)
+        if theta.shape != (n + xa.shape[0], n + xa.shape[0]):
+            raise ValueError(f"theta must be [{n + xa.shape[0]}, {n + xa.shape[0]}] (primary, "
+                             f"then auxiliary examples), got {tuple(theta.shape)}")
+    if output == "logits":
+        K = two_layer_ntk(xp, activation=activation, width=width) if theta is None \
+            else theta[:n, :n]
+        s_rel, s_ker = kernel_similarities(K, output="logits")
+        history: list = []
+    else:
+        if theta is None and math.isinf(float(width)):
+            raise ValueError("output='probabilities' needs a finite width (the trained logits "
+                             "depend on the kernel's scale)")
+        if theta is None:
+            theta = two_layer_ntk(torch.cat([xp, xa]), activation=activation, width=width)
+        t = torch.cat([torch.ones(n), torch.zeros(xa.shape[0])]).double()
+        f = ntk_train(theta, t, lr=lr, epochs=epochs, batch_size=batch_size, loss=loss)
+        s_rel, s_ker = kernel_similarities(theta[:n, :n], f[:n], "probabilities")
+        p = torch.sigmoid(f)
+        history = [float(F.binary_cross_entropy(p, t)) if loss == "bce"
+                   else float(0.5 * ((f - t) ** 2).mean())]
+    return _finish_clustering(truth, xp, s_rel, s_ker, seed, baselines, pca_components,
+                              normalize_kernel, history, output)
+
+
+# --------------------------------------------------------------------------------------------
+# two-layer networks: the exact empirical NTK and its infinite-width limit
+# --------------------------------------------------------------------------------------------
+def _flat64(x) -> Tensor:
+    x = torch.as_tensor(x).detach().to(torch.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def _gaussian_moments(activation: Optional[str], k11: Tensor, k22: Tensor, k12: Tensor):
+    """E[s(u) s(u')] and E[s'(u) s'(u')] for (u, u') centred Gaussian with variances k11, k22
+    and covariance k12 (broadcasting): closed forms for ReLU (Cho & Saul, NIPS 2009, arc-cosine
+    kernels of degree 1 and 0) and for the identity."""
+    if activation in (None, "linear"):
+        return k12, torch.ones_like(k12)
+    if activation != "relu":
+        raise ValueError(f"closed-form infinite-width kernels exist here for 'relu' and 'linear', "
+                         f"got {activation!r}")
+    norm = torch.sqrt(k11 * k22)
+    cos = torch.clamp(k12 / norm, -1.0, 1.0)
+    theta = torch.arccos(cos)
+    sigma = norm * (torch.sin(theta) + (math.pi - theta) * cos) / (2 * math.pi)
+    sigma_dot = (math.pi - theta) / (2 * math.pi)
+    return sigma, sigma_dot
+
+
+def two_layer_ntk(
+    x1,
+    x2=None,
+    *,
+    activation: Optional[str] = "relu",
+    width: float = math.inf,
+    weight_var: Optional[float] = None,
+    bias_var: Optional[float] = None,
+    readout_var: Optional[float] = None,
+    bias: bool = True,
+) -> Tensor:
+    """The NTK of a two-layer network f(x) = sum_r a_r s(w_r . x + b_r) + c, averaged over its
+    random initialisation, in closed form (no network, any width).
+
+    With w_r ~ N(0, ``weight_var`` I), b_r ~ N(0, ``bias_var``), a_r ~ N(0, ``readout_var``),
+    the pre-activations u(x) are a centred Gaussian process with covariance
+    k(x, x') = weight_var x.x' + bias_var, and at width m
+
+        Theta_m(x, x') = m Sigma(x, x') + 1 + m readout_var Sigma_dot(x, x') (x.x' + 1)
+
+    (readout weights, readout bias, first-layer weights and biases), where Sigma = E[s(u) s(u')]
+    and Sigma_dot = E[s'(u) s'(u')] are the arc-cosine kernels of Cho & Saul (NIPS 2009): for
+    ReLU, with cos theta = k(x, x') / sqrt(k(x, x) k(x', x')),
+
+        Sigma     = sqrt(k(x, x) k(x', x')) (sin theta + (pi - theta) cos theta) / (2 pi),
+        Sigma_dot = (pi - theta) / (2 pi);
+
+    for the identity ("linear") Sigma = k and Sigma_dot = 1. Defaults follow PyTorch's
+    ``nn.Linear`` initialisation, which He & Su's networks use (standard parameterisation):
+    weight_var = bias_var = 1 / (3 d) for inputs of d entries and readout_var = 1 / (3 m), so
+    the last term is Sigma_dot (x.x' + 1) / 3. ``bias=False``: no first-layer bias (bias_var = 0
+    and x.x' instead of x.x' + 1).
+
+    In this parameterisation Theta_m grows like m, and ``width=math.inf`` returns the limit of
+    Theta_m / m, Sigma itself. Relative similarities |K(x, x')| / K(x, x), normalised kernels and
+    the clusterings built from them do not change under a common factor, so the limit is the
+    similarity of an infinitely wide network of He & Su's kind (they used m = 40,960; at that
+    width the first-layer term still contributes a few per cent on CIFAR-10).
+
+    Exact for Gaussian weights; PyTorch draws them uniformly, and the pre-activations are then
+    Gaussian only in the limit of many inputs (central limit theorem; for CIFAR-10's d = 3,072
+    the difference is negligible, for d = 3 it is not).
+
+    Args: x1 [M1, ...], x2 [M2, ...] (default x1), flattened. Returns [M1, M2] in float64.
+    """
+    a = _flat64(x1)
+    b = a if x2 is None else _flat64(x2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"x1 and x2 need the same number of entries, got {a.shape[1]} and "
+                         f"{b.shape[1]}")
+    d = a.shape[1]
+    m = float(width)
+    if not m > 0:
+        raise ValueError(f"width must be positive (or math.inf), got {width}")
+    wv = 1.0 / (3 * d) if weight_var is None else float(weight_var)
+    bv = (1.0 / (3 * d) if bias_var is None else float(bias_var)) if bias else 0.0
+    gram = a @ b.T
+    k12 = wv * gram + bv
+    k11 = (wv * (a * a).sum(1) + bv)[:, None]
+    k22 = (wv * (b * b).sum(1) + bv)[None, :]
+    sigma, sigma_dot = _gaussian_moments(activation, k11, k22, k12)
+    if math.isinf(m):
+        return sigma
+    rv = 1.0 / (3 * m) if readout_var is None else float(readout_var)
+    return m * sigma + 1.0 + m * rv * sigma_dot * (gram + (1.0 if bias else 0.0))
+
+
+def _two_layer_parts(model: nn.Module):
+    """(first Linear, activation name, activation kwargs, head) of a one-hidden-layer
+    ``lesde.nets.MLP``, else None."""
+    from .nets import MLP
+
+    if isinstance(model, MLP) and len(model.layers) == 1:
+        return model.layers[0], model.activation, model.activation_kwargs, model.head
+    return None
+
+
+def mlp_ntk(model: nn.Module, x1, x2=None, *, chunk: int = 1024) -> Tensor:
+    """The exact empirical NTK of a one-hidden-layer ``lesde.nets.MLP`` without forming any
+    Jacobian: with U = X W^T + b, H = s(U), G = s'(U) and head weights A [q, m],
+
+        K_cc'(x, x') = [H(x) . H(x') + 1] delta_cc' + sum_r A_cr A_c'r G_r(x) G_r(x') (x.x' + 1)
+
+    (head weights, head bias, first-layer weights, first-layer bias; the 1s drop without the
+    corresponding bias). Cost O(M1 M2 (m + d)) instead of O(M1 M2 P): the whole 1,000 x 1,000
+    matrix of a 3,072-input, width-2,048 network takes seconds. Returns [M1, M2] for a scalar
+    output, else [M1, M2, q, q], in float64; evaluated as the network is (no mode change
+    needed: an MLP has no dropout or BatchNorm). s' comes from autograd, so any elementwise
+    activation of ``lesde.nets`` works.
+    """
+    parts = _two_layer_parts(model)
+    if parts is None:
+        raise ValueError("mlp_ntk needs a lesde.nets.MLP with one hidden layer; use "
+                         "empirical_ntk for other networks")
+    lin, act_name, act_kw, head = parts
+    a = _flat64(x1)
+    b = a if x2 is None else _flat64(x2)
+    W = lin.weight.detach().double()
+    bw = lin.bias.detach().double() if lin.bias is not None else None
+    A = head.weight.detach().double()                     # [q, m]
+    act = model._act
+
+    def feats(x):
+        hs, gs = [], []
+        for sl in _chunks(x.shape[0], int(chunk)):
+            u = x[sl] @ W.T + (bw if bw is not None else 0.0)
+            if act is None:
+                hs.append(u)
+                gs.append(torch.ones_like(u))
+                continue
+            u = u.detach().requires_grad_(True)
+            with torch.enable_grad():
+                h = act(u)
+                (g,) = torch.autograd.grad(h.sum(), u)
+            hs.append(h.detach())
+            gs.append(g.detach())
+        return torch.cat(hs), torch.cat(gs)
+
+    h1, g1 = feats(a)
+    h2, g2 = (h1, g1) if x2 is None else feats(b)
+    inner = a @ b.T + (1.0 if bw is not None else 0.0)
+    top = h1 @ h2.T + (1.0 if head.bias is not None else 0.0)
+    q = A.shape[0]
+    if q == 1:
+        return top + ((g1 * A[0] ** 2) @ g2.T) * inner
+    mixed = torch.einsum("ir,cr,dr,jr->ijcd", g1, A, A, g2) * inner[:, :, None, None]
+    return top[:, :, None, None] * torch.eye(q, dtype=top.dtype) + mixed
+
+
+def kernel_similarities(K, logits=None, output: str = "logits") -> Tuple[Tensor, Tensor]:
+    """He & Su's S_rel and S_ker [n, n] (row = update, column = probe, not symmetrised) in the
+    eta -> 0 limit, from the scalar-output NTK K [n, n] of the examples:
+
+    - ``output="logits"``: S_rel = |K_ij| / K_ii, S_ker = K_ij;
+    - ``output="probabilities"`` (the sigmoid p = sigma(z) of the logits ``logits`` [n]):
+      S_rel = sigma'(z_j) |K_ij| / (sigma'(z_i) K_ii), S_ker = sigma'(z_i) sigma'(z_j) K_ij.
+    """
+    K = torch.as_tensor(K, dtype=torch.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"K must be a square [n, n] kernel, got shape {tuple(K.shape)}")
+    diag = torch.diagonal(K)
+    if output == "logits":
+        return K.abs() / diag[:, None], K.clone()
+    if output != "probabilities":
+        raise ValueError(f"output must be 'logits' or 'probabilities', got {output!r}")
+    if logits is None:
+        raise ValueError("output='probabilities' needs the logits z of the examples")
+    z = torch.as_tensor(logits, dtype=torch.float64).reshape(-1)
+    if z.shape[0] != K.shape[0]:
+        raise ValueError(f"need one logit per example ({K.shape[0]}), got {z.shape[0]}")
+    p = torch.sigmoid(z)
+    ds = p * (1 - p)
+    return ds[None, :] * K.abs() / (ds[:, None] * diag[:, None]), ds[:, None] * ds[None, :] * K
+
+
+def ntk_train(theta, y, *, lr: float, epochs: int, batch_size: int, loss: str = "bce",
+              f0=None) -> Tensor:
+    """Training of the linearised (infinitely wide, lazy) network in function space, on the
+    training points: per minibatch step the expected change of SGD on the mean per-sample
+    loss, f <- f - (lr / N) Theta dl/df, for ``epochs * ceil(N / batch_size)`` steps (Jacot,
+    Gabriel & Hongler, NeurIPS 2018). ``theta`` [N, N] the NTK, ``y`` [N] targets (0/1 for
+    "bce", reals for "mse" = 0.5 (f - y)^2), ``f0`` the initial function (default 0, the mean
+    over initialisations). Returns f [N] (float64). Raises if the iteration diverges (lr too
+    large for the kernel's largest eigenvalue)."""
+    th = torch.as_tensor(theta, dtype=torch.float64)
+    t = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+    n = t.shape[0]
+    if th.shape != (n, n):
+        raise ValueError(f"theta must be [N, N] with N = len(y) = {n}, got {tuple(th.shape)}")
+    f = torch.zeros(n, dtype=torch.float64) if f0 is None else \
+        torch.as_tensor(f0, dtype=torch.float64).reshape(-1).clone()
+    steps = int(epochs) * math.ceil(n / int(batch_size))
+    for _ in range(steps):
+        if loss == "bce":
+            g = torch.sigmoid(f) - t
+        elif loss == "mse":
+            g = f - t
+        else:
+            raise ValueError(f"loss must be 'bce' or 'mse', got {loss!r}")
+        f = f - (float(lr) / n) * (th @ g)
+        if not torch.isfinite(f).all():
+            raise FloatingPointError("linearised training diverged: lower lr (the kernel's "
+                                     "largest eigenvalue times lr / N must stay below about 2)")
+    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -1153,9 +1542,17 @@ def geodesic_distance(theta1, theta2) -> Tensor:
 
 @dataclass
 class LocalityResult:
-    """Result of :func:`torus_locality`: the Pearson correlation between S_rel and geodesic
-    distance over ordered same-class pairs, the pairs' ``distance`` and ``s_rel`` (1-D), the
-    training accuracy and final loss, and the trained ``model``."""
+    """Result of :func:`torus_locality`, over ordered same-class pairs x != x':
+
+    - ``pearson``: Pearson correlation of S_rel with the geodesic distance (He & Su's number;
+      negative = locality);
+    - ``pearson_abscos``: correlation of S_rel with |cos dtheta|, the shape of a linear
+      network's S_rel (x.x' ~ r^2 cos dtheta on the torus), high for a non-local network;
+    - ``bin_edges`` [B + 1] over [0, pi] and ``bin_means`` [B]: mean S_rel per distance bin;
+      ``monotone``: whether the bin means fall strictly from bin to bin (locality decays
+      with distance; a function symmetric about pi/2, such as |cos|, rises again);
+    - ``distance``, ``s_rel`` (1-D, per pair), training accuracy and final loss, the ``model``.
+    """
 
     pearson: float
     distance: np.ndarray
@@ -1163,6 +1560,22 @@ class LocalityResult:
     train_accuracy: float
     final_loss: float
     model: nn.Module
+    pearson_abscos: float = float("nan")
+    bin_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bin_means: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    monotone: bool = False
+
+
+def locality_profile(distance, s_rel, bins: int = 6) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """Mean of ``s_rel`` in ``bins`` equal bins of ``distance`` over [0, pi]: (edges [bins+1],
+    means [bins], strictly decreasing?)."""
+    d = np.asarray(distance, dtype=np.float64)
+    v = np.asarray(s_rel, dtype=np.float64)
+    edges = np.linspace(0.0, math.pi, int(bins) + 1)
+    idx = np.clip(np.digitize(d, edges[1:-1]), 0, int(bins) - 1)
+    means = np.array([v[idx == b].mean() if np.any(idx == b) else np.nan
+                      for b in range(int(bins))])
+    return edges, means, bool(np.all(np.diff(means) < 0))
 
 
 def torus_locality(
@@ -1176,17 +1589,22 @@ def torus_locality(
     loss: LossSpec = "bce",
     method: str = "ntk",
     probe_lr: float = 1e-4,
+    activation_kwargs: Optional[Dict[str, float]] = None,
+    bias_spread: Optional[float] = None,
+    bins: int = 6,
     seed: int = 0,
 ) -> LocalityResult:
     """He & Su's synthetic locality check (background.md section 1).
 
     Data from :func:`torus_curves` (``seed``); a one-hidden-layer MLP of width ``hidden`` with
-    ``activation`` ("relu", or None for the same network without activation;
-    ``lesde.nets.MLP``, float64, initialised under ``torch.manual_seed(seed)`` without touching
-    the global RNG) or a given scalar-output ``model``; ``steps`` full-batch SGD steps of size
-    ``lr``; then S_rel(x, x') for all ordered same-class pairs x != x' (``method="ntk"``: the
-    exact eta -> 0 limit |K(x, x')| / K(x, x)) against the geodesic distance
-    min(|dtheta|, 2 pi - |dtheta|). Locality shows as a negative Pearson correlation.
+    ``activation`` ("relu", "tanh", "elephant" with ``activation_kwargs``, or None for the same
+    network without activation; ``bias_spread`` as in ``lesde.nets.MLP``; float64, initialised under
+    ``torch.manual_seed(seed)`` without touching the global RNG) or a given scalar-output
+    ``model``; ``steps`` full-batch SGD steps of size ``lr`` (``steps=0``: the network at
+    initialisation); then S_rel(x, x') of the logit for all ordered same-class pairs x != x'
+    (``method="ntk"``: the exact eta -> 0 limit |K(x, x')| / K(x, x)) against the geodesic
+    distance min(|dtheta|, 2 pi - |dtheta|). Locality shows as a negative Pearson correlation
+    and a profile that falls over the whole of [0, pi] (:class:`LocalityResult`).
     """
     x, y, theta = torus_curves(n_per_class, seed=seed)
     if model is None:
@@ -1194,7 +1612,8 @@ def torus_locality(
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = MLP(3, hidden=(int(hidden),), num_classes=1, activation=activation).double()
+            model = MLP(3, hidden=(int(hidden),), num_classes=1, activation=activation,
+                        activation_kwargs=activation_kwargs, bias_spread=bias_spread).double()
     p0 = next(model.parameters())
     x = x.to(device=p0.device, dtype=p0.dtype)
     yt = y.to(device=p0.device, dtype=p0.dtype)
@@ -1216,13 +1635,210 @@ def torus_locality(
     mask = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
     sv, dv = s[mask].numpy(), d[mask].numpy()
     pearson = float(np.corrcoef(sv, dv)[0, 1])
+    pearson_abscos = float(np.corrcoef(sv, np.abs(np.cos(dv)))[0, 1])
+    edges, means, monotone = locality_profile(dv, sv, bins)
     return LocalityResult(pearson=pearson, distance=dv, s_rel=sv, train_accuracy=acc,
-                          final_loss=final, model=model)
+                          final_loss=final, model=model, pearson_abscos=pearson_abscos,
+                          bin_edges=edges, bin_means=means, monotone=monotone)
+
+
+# --------------------------------------------------------------------------------------------
+# locality statistics with their chance levels
+# --------------------------------------------------------------------------------------------
+def locality_statistics(S) -> Dict[str, np.ndarray]:
+    """Locality statistics of class-pair similarity matrices S [..., K, K] (row k = class of the
+    update example, column l = class of the probe; e.g. from :func:`class_elasticity`).
+
+    - ``frac_same_exceeds`` [..., K]: 1 where the same-class value S[k, k] exceeds every
+      cross-class value S[k, l] of its row (Dan et al.'s statistic), else 0. **Chance level
+      1/K**: if the K values of a row are exchangeable (no locality), each is the largest with
+      probability 1/K.
+    - ``ratio`` [...]: mean_k S[k, k] / mean_{k != l} S[k, l]; 1 when there is no locality.
+    - ``double_log_ratio`` [...]: the mean over unordered class pairs k < l of
+      log(S[k, k] S[l, l] / (S[k, l] S[l, k])). If S[k, l] = r_k c_l L[k, l] (any positive row
+      effect r, e.g. how strongly an update moves the network; any column effect c, e.g. how
+      easily a probe's prediction moves), the r's and c's cancel and only the locality L is
+      left: 0 without locality, positive when same-class impacts dominate. The fraction and
+      the ratio have no such protection: a strong column effect alone drives the fraction to
+      1 for one row and 0 for another.
+
+    Needs positive S for the log-ratio (nan otherwise).
+    """
+    s = np.asarray(S, dtype=np.float64)
+    if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
+        raise ValueError(f"S must be [..., K, K], got shape {s.shape}")
+    k = s.shape[-1]
+    if k < 2:
+        raise ValueError("locality statistics need at least two classes")
+    diag = np.diagonal(s, axis1=-2, axis2=-1)                       # [..., K]
+    off = ~np.eye(k, dtype=bool)
+    cross = s[..., off].reshape(s.shape[:-2] + (k, k - 1))           # row-wise, [..., K, K-1]
+    exceeds = (diag[..., None] > cross).all(axis=-1).astype(np.float64)
+    ratio = diag.mean(-1) / cross.mean(axis=(-1, -2))
+    iu, ju = np.triu_indices(k, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(s)
+        dlr = (logs[..., iu, iu] + logs[..., ju, ju] - logs[..., iu, ju] - logs[..., ju, iu])
+    return {"frac_same_exceeds": exceeds, "ratio": ratio,
+            "double_log_ratio": dlr.mean(-1), "frac_chance": 1.0 / k}
+
+
+def bootstrap_class_means(S_pairs, labels, n_boot: int = 1000, seed: int = 0,
+                          num_classes: Optional[int] = None) -> np.ndarray:
+    """Bootstrap replicates of the class-pair means of a per-example matrix S [M, M] (row =
+    update example, column = probe, the same M examples in both roles, as in Dan et al.'s
+    20 x 20 protocol): in each replicate the examples of every class are resampled with
+    replacement and used for both roles, and the class-pair means of the resampled pairs are
+    returned, [n_boot, K, K].
+
+    A same-class block of the full mean gives weight 1/n to its x = x' pairs. Two draws of the
+    same example are not two examples, so in a replicate the block is
+
+        (1/n) sum_i c_i S_ii / n + (1 - 1/n) (c^T S c - sum_i c_i^2 S_ii) / (n^2 - sum_i c_i^2)
+
+    (counts c of the class's n draws): self pairs keep weight 1/n and the rest is the mean over
+    pairs of distinct examples. With every c_i = 1 this is the full mean; counting duplicated
+    draws as pairs instead would bias the same-class means towards S(x, x). A replicate that
+    draws a single example n times for a class has no distinct pair: nan there."""
+    s = np.asarray(S_pairs, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if s.shape != (y.size, y.size):
+        raise ValueError(f"S_pairs must be [M, M] with M = len(labels) = {y.size}, "
+                         f"got {s.shape}")
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((int(n_boot), k, y.size))
+    for c in range(k):
+        idx = np.flatnonzero(y == c)
+        if idx.size == 0:
+            raise ValueError(f"class {c} has no examples")
+        draws = rng.integers(0, idx.size, size=(int(n_boot), idx.size))
+        for b in range(int(n_boot)):
+            np.add.at(counts[b, c], idx[draws[b]], 1.0)
+    n = counts.sum(-1)                                                # [B, K]
+    out = np.einsum("bkm,mn,bln->bkl", counts, s, counts) / (n[:, :, None] * n[:, None, :])
+    diag = np.diagonal(s)
+    total = np.einsum("bkm,mn,bkn->bk", counts, s, counts)            # c_k^T S c_k
+    sq = counts ** 2
+    self_mean = (counts @ diag) / n
+    den = n ** 2 - sq.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        distinct = (total - sq @ diag) / den
+    # a class drawn as one example repeated has no pair of distinct examples: nan
+    block = np.where(den > 0, self_mean / n + (1 - 1 / n) * distinct, np.nan)
+    idx = np.arange(k)
+    out[:, idx, idx] = block
+    return out
+
+
+def locality_band(S_pairs, labels, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                  num_classes: Optional[int] = None) -> Dict[str, Tuple[float, float, float]]:
+    """The :func:`locality_statistics` of one per-example matrix [M, M] with percentile
+    bootstrap bands over the probe examples (:func:`bootstrap_class_means`): name ->
+    (estimate, low, high) for ``"frac_same_exceeds"`` (mean over the K rows), ``"ratio"`` and
+    ``"double_log_ratio"``."""
+    y = np.asarray(labels).reshape(-1)
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    full = class_pair_means(torch.as_tensor(np.asarray(S_pairs, dtype=np.float64)),
+                            torch.as_tensor(y), num_classes=k, exclude_self=False).numpy()
+    est = locality_statistics(full)
+    boot = locality_statistics(bootstrap_class_means(S_pairs, y, n_boot, seed, k))
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+    out = {}
+    for name in ("frac_same_exceeds", "ratio", "double_log_ratio"):
+        e, b = est[name], boot[name]
+        if name == "frac_same_exceeds":
+            e, b = e.mean(-1), b.mean(-1)
+        out[name] = (float(e), float(np.nanpercentile(b, lo)), float(np.nanpercentile(b, hi)))
+    return out
+
+
+def clustering_chance(sizes: Sequence[int], kind: str = "balanced") -> Dict[str, float]:
+    """Exact distribution of He & Su's two-cluster score 0.5 + |acc - 0.5| for a labelling
+    that ignores the classes, for classes of ``sizes`` = (n1, n2) items.
+
+    ``kind="balanced"``: a uniformly random split into clusters of the class sizes; the number
+    X of class-1 items in cluster 1 is hypergeometric (n, n1, n1), the agreements are
+    A = 2 X + n2 - n1. ``kind="binomial"``: every item in either cluster with probability 1/2;
+    A ~ Binomial(n, 1/2). The score is max(A, n - A) / n. Returns ``mean``, ``sd`` and the
+    ``q95`` quantile of the score (an accuracy above ``q95`` happens by chance 5% of the time).
+
+    Example: 500 + 500 items give mean 0.5126, sd 0.0095 (balanced).
+    """
+    from scipy import stats
+
+    if len(sizes) != 2:
+        raise ValueError("the 0.5 + |acc - 0.5| score is for two classes; got "
+                         f"{len(sizes)} sizes")
+    n1, n2 = (int(v) for v in sizes)
+    if n1 < 1 or n2 < 1:
+        raise ValueError(f"class sizes must be positive, got {sizes}")
+    n = n1 + n2
+    if kind == "balanced":
+        xs = np.arange(max(0, n1 - n2), n1 + 1)
+        pmf = stats.hypergeom(n, n1, n1).pmf(xs)
+        agree = 2 * xs + n2 - n1
+    elif kind == "binomial":
+        agree = np.arange(n + 1)
+        pmf = stats.binom(n, 0.5).pmf(agree)
+    else:
+        raise ValueError(f"kind must be 'balanced' or 'binomial', got {kind!r}")
+    score = np.maximum(agree, n - agree) / n
+    pmf = pmf / pmf.sum()
+    mean = float((pmf * score).sum())
+    order = np.argsort(score)
+    cdf = np.cumsum(pmf[order])
+    q95 = float(score[order][np.searchsorted(cdf, 0.95)])
+    return {"mean": mean, "sd": float(np.sqrt((pmf * (score - mean) ** 2).sum())), "q95": q95,
+            "n": n}
 
 
 # --------------------------------------------------------------------------------------------
 # tracking during training (Dan et al.)
 # --------------------------------------------------------------------------------------------
+TRACK_MEASURES = ("kl", "kl_compat", "norm", "norm_prob", "suhe_compat")
+"""The measures :func:`class_elasticity` computes (see there)."""
+
+
+def pair_elasticity(
+    model: nn.Module,
+    x,
+    y,
+    *,
+    lr: float = 1e-4,
+    optimizer: OptimizerSpec = "adam",
+    loss: LossSpec = "cross_entropy",
+    measures: Sequence[str] = TRACK_MEASURES,
+    eval_mode: bool = True,
+) -> Dict[str, Tensor]:
+    """Per-example relative similarities from one explicit step per example [M, M] (row =
+    update example x_i, column = probe x_j, the same examples in both roles); measures as in
+    :func:`class_elasticity`."""
+    unknown = sorted(set(measures) - set(TRACK_MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; known: {list(TRACK_MEASURES)}")
+    ch = one_step_changes(model, x, y, lr=lr, method="step", optimizer=optimizer, loss=loss,
+                          output="logits", eval_mode=eval_mode)
+    out: Dict[str, Tensor] = {}
+    for m in measures:
+        if m == "kl":
+            out[m] = _kl_ratio(ch, "true")
+        elif m == "kl_compat":
+            out[m] = _kl_ratio(ch, "compat")
+        elif m == "norm":
+            out[m] = ch.relative()
+        else:
+            p0, ps = _link(ch.before_probe.double()), _link(ch.before_self.double())
+            dp = _link(ch.before_probe.double()[None] + ch.delta.double()) - p0[None]
+            dps = _link(ch.before_self.double() + ch.self_delta.double()) - ps
+            if m == "norm_prob":
+                out[m] = (dp.norm(dim=-1) / dps.norm(dim=-1)[:, None]).to(ch.delta.dtype)
+            else:  # suhe_compat: mean_c |dp_c(x')| / (sqrt(mean_c dp_c(x)^2) + 1e-8)
+                den = dps.pow(2).mean(-1).sqrt() + 1e-8
+                out[m] = (dp.abs().mean(-1) / den[:, None]).to(ch.delta.dtype)
+    return out
+
+
 def class_elasticity(
     model: nn.Module,
     x,
@@ -1232,6 +1848,7 @@ def class_elasticity(
     optimizer: OptimizerSpec = "adam",
     num_classes: Optional[int] = None,
     loss: LossSpec = "cross_entropy",
+    measures: Sequence[str] = TRACK_MEASURES,
     exclude_self: bool = False,
     eval_mode: bool = True,
 ) -> Dict[str, Tensor]:
@@ -1239,20 +1856,49 @@ def class_elasticity(
     probe example (Dan et al., arXiv 2111.01166; their protocol: 20 probes per class, one fresh
     Adam step with lr 1e-4).
 
-    Returns [K, K] matrices, row = class of the update example, column = class of the probe:
-    ``"kl"`` (S_rel^KL, true KL), ``"kl_compat"`` (the released code's formula, see
-    :func:`kl_relative_similarity`) and ``"norm"`` (He & Su's |Delta f(x')| / |Delta f(x)| on the
-    logits). ``exclude_self=False`` averages over all n x n probe pairs of a class pair,
-    x = x' included (where S = 1), as in their 20 x 20 average.
+    Returns [K, K] matrices, **row = class of the update example x, column = class of the
+    probe x'** (Dan et al.'s released curves are indexed (probe, update): transpose to
+    compare), for each of ``measures``:
+
+    - ``"kl"``: S_rel^KL = KL(g(x') || g+(x')) / KL(g(x) || g+(x)), g the softmax, the true KL
+      (:func:`kl_relative_similarity`);
+    - ``"kl_compat"``: the released code's formula for the same ratio (not a divergence);
+    - ``"norm"``: He & Su's |Delta z(x')| / |Delta z(x)| on the logits z;
+    - ``"norm_prob"``: He & Su's ratio on the softmax probabilities, |Delta p(x')| / |Delta p(x)|;
+    - ``"suhe_compat"``: the released code's version of the latter, mean_c |Delta p_c(x')| /
+      (sqrt(mean_c Delta p_c(x)^2) + 1e-8) (an L1 mean over an RMS, so not 1 at x = x').
+
+    ``exclude_self=False`` averages over all n x n probe pairs of a class pair, x = x'
+    included, as in their 20 x 20 average.
     """
-    ch = one_step_changes(model, x, y, lr=lr, method="step", optimizer=optimizer, loss=loss,
-                          output="logits", eval_mode=eval_mode)
+    mats = pair_elasticity(model, x, y, lr=lr, optimizer=optimizer, loss=loss,
+                           measures=measures, eval_mode=eval_mode)
     yl = torch.as_tensor(y)
     k = int(num_classes) if num_classes is not None else int(yl.max()) + 1
-    mats = {"kl": _kl_ratio(ch, "true"), "kl_compat": _kl_ratio(ch, "compat"),
-            "norm": ch.relative()}
     return {name: class_pair_means(m.cpu(), yl, num_classes=k, exclude_self=exclude_self)
             for name, m in mats.items()}
+
+
+def crop_flip(x, pad: int = 4, fill: float = 0.0, seed: int = 0) -> Tensor:
+    """Random crop after zero padding and a random horizontal flip, once per image
+    ([N, C, H, W] -> same shape; torchvision's ``RandomCrop(H, padding=pad)`` +
+    ``RandomHorizontalFlip()``). Dan et al.'s released code applies this augmentation once,
+    when their training set is collected, not anew every epoch. ``fill`` is the padding value
+    (0 = black for [0, 1] images, before normalisation)."""
+    x = torch.as_tensor(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    g = torch.Generator().manual_seed(int(seed))
+    padded = F.pad(x, (pad, pad, pad, pad), value=float(fill))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        img = padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]
+        out[i] = img.flip(-1) if flip[i] else img
+    return out
 
 
 def _accuracy(model, x, y, batch_size=512) -> float:
@@ -1271,32 +1917,62 @@ def track_elasticity(
     y_probe,
     *,
     epochs: int = 7,
-    batch_size: int = 128,
+    batch_size: int = 256,
     lr: float = 1e-4,
+    weight_decay: float = 0.0,
     optimizer: str = "adam",
     every: int = 9,
+    schedule: str = "epoch",
+    drop_last: bool = True,
     probe_lr: Optional[float] = None,
+    measures: Sequence[str] = TRACK_MEASURES,
     x_test=None,
     y_test=None,
+    test_at: str = "epoch",
     seed: int = 0,
+    checkpoint: Optional[str] = None,
+    return_pairs: bool = False,
     progress: bool = True,
 ):
     """Train ``model`` in place and track local elasticity during training (Dan et al.).
 
-    Minibatch training on cross-entropy (``optimizer`` "adam" with ``lr`` 1e-4 in their
-    protocol; shuffling from ``seed``); every ``every`` minibatches (and once before training)
-    :func:`class_elasticity` on the fixed probe set (one fresh step of the same optimizer with
-    ``probe_lr``, default ``lr``, per probe example; the model itself is not changed by a probe),
-    the running training accuracy of the minibatches since the last record and, when given,
-    the test accuracy.
+    Minibatch training on the mean cross-entropy (``optimizer`` "adam" with ``lr`` 1e-4 and
+    ``weight_decay`` 1e-4 in their protocol, "sgd" otherwise; shuffling from ``seed``; with
+    ``drop_last`` the incomplete last minibatch of an epoch is dropped, as their loader does).
+    Records of :func:`class_elasticity` on the fixed probe set (one fresh step of the same
+    optimizer, without weight decay, with ``probe_lr`` (default ``lr``), per probe example;
+    the model itself is not changed by a probe):
+
+    - ``schedule="epoch"`` (their released code): after the optimizer step of every minibatch
+      b (0-based, within each epoch) with b % ``every`` == 0, so the first record follows the
+      first step; with 5,000 images per class, batch 256 and ``every=9``: 7 records per epoch;
+    - ``schedule="global"``: once before training and after every ``every``-th step.
+
+    Each record also holds the running training accuracy of the minibatches since the last
+    record and, when given, the accuracy on (``x_test``, ``y_test``): at every record
+    (``test_at="record"``) or, by default (``"epoch"``), only at the first record and the last
+    record of each epoch (nan elsewhere; a test pass can cost as much as a record).
+
+    ``checkpoint``: a file path; after every record the model, optimizer, shuffling state and
+    the records so far are saved there (``torch.save``; read back with ``weights_only=True``),
+    and a run that finds the file resumes where it stopped (the result is the same as an
+    uninterrupted run).
 
     Returns a ``pandas.DataFrame``, one row per record: ``step``, ``epoch`` (fractional),
-    ``train_acc``, ``test_acc``, and for each measure ``m`` in ("kl", "kl_compat", "norm") and
-    class pair the column ``f"{m}_{k}_{k2}"`` (row class k = update, k2 = probe). Summarise with
+    ``train_acc``, ``test_acc``, and for each measure ``m`` and class pair the column
+    ``f"{m}_{k}_{k2}"`` (row class k = update, k2 = probe). With ``return_pairs``, also a dict
+    measure -> per-example matrices [records, M, M] (for bootstrap bands, see
+    :func:`locality_band`). Summarise with :func:`tracking_statistics` /
     :func:`tracking_summary`.
     """
+    import os
+
     import pandas as pd
 
+    if schedule not in ("epoch", "global"):
+        raise ValueError(f"schedule must be 'epoch' or 'global', got {schedule!r}")
+    if int(every) < 1 or int(batch_size) < 1 or int(epochs) < 0:
+        raise ValueError("every and batch_size must be positive and epochs non-negative")
     p0 = next(model.parameters())
     xt = torch.as_tensor(x_train).to(device=p0.device, dtype=p0.dtype)
     yt = torch.as_tensor(y_train).long().to(p0.device)
@@ -1306,78 +1982,194 @@ def track_elasticity(
     ys = None if y_test is None else torch.as_tensor(y_test).long().to(p0.device)
     k = int(max(int(yt.max()), int(yp.max()))) + 1
     if optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    n, bs = xt.shape[0], int(batch_size)
+    per_epoch = n // bs if drop_last else math.ceil(n / bs)
+    if per_epoch < 1:
+        raise ValueError(f"no complete minibatch of {bs} in {n} training examples")
     gen = torch.Generator().manual_seed(int(seed))
-    n = xt.shape[0]
-    per_epoch = math.ceil(n / int(batch_size))
-    rows = []
-    hits = seen = 0
+    state = {"rows": [], "pairs": [], "hits": 0, "seen": 0, "step": 0, "epoch": 0,
+             "batch": 0, "perm": None}
+    if checkpoint is not None and os.path.exists(checkpoint):
+        ck = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        state.update({key: ck[key] for key in state if key in ck})
 
-    def record(step):
-        nonlocal hits, seen
-        mats = class_elasticity(model, xp, yp, lr=probe_lr if probe_lr is not None else lr,
-                                optimizer=optimizer, num_classes=k)
+    def save():
+        if checkpoint is None:
+            return
+        tmp = checkpoint + ".tmp"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(), **state}, tmp)
+        os.replace(tmp, checkpoint)
+
+    if test_at not in ("epoch", "record"):
+        raise ValueError(f"test_at must be 'epoch' or 'record', got {test_at!r}")
+
+    def record(step, last_of_epoch=True):
+        mats = pair_elasticity(model, xp, yp, lr=probe_lr if probe_lr is not None else lr,
+                               optimizer=optimizer, measures=measures)
+        test = xs is not None and (test_at == "record" or last_of_epoch or not state["rows"])
         row = {"step": step, "epoch": step / per_epoch,
-               "train_acc": hits / seen if seen else float("nan"),
-               "test_acc": _accuracy(model.eval(), xs, ys) if xs is not None else float("nan")}
+               "train_acc": state["hits"] / state["seen"] if state["seen"] else float("nan"),
+               "test_acc": _accuracy(model.eval(), xs, ys) if test else float("nan")}
         model.train()
         for name, m in mats.items():
+            cm = class_pair_means(m.cpu(), yp.cpu(), num_classes=k, exclude_self=False)
             for a in range(k):
                 for b in range(k):
-                    row[f"{name}_{a}_{b}"] = float(m[a, b])
-        rows.append(row)
-        hits = seen = 0
+                    row[f"{name}_{a}_{b}"] = float(cm[a, b])
+        state["rows"].append(row)
+        state["pairs"].append({name: m.detach().cpu().float() for name, m in mats.items()})
+        state["hits"] = state["seen"] = 0
 
     bar = None
+    total = int(epochs) * per_epoch
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(epochs) * per_epoch, desc="track", leave=False)
-    record(0)
-    step = 0
+        bar = tqdm(total=total, initial=state["step"], desc="track", leave=False)
+    if schedule == "global" and state["step"] == 0 and not state["rows"]:
+        record(0)
+        save()
     model.train()
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=gen).to(p0.device)
-        for start in range(0, n, int(batch_size)):
-            idx = perm[start:start + int(batch_size)]
+    while state["epoch"] < int(epochs):
+        if state["perm"] is None:
+            state["perm"] = torch.randperm(n, generator=gen)
+        perm = state["perm"].to(p0.device)
+        while state["batch"] < per_epoch:
+            b = state["batch"]
+            idx = perm[b * bs:(b + 1) * bs]
             opt.zero_grad()
             logits = model(xt[idx])
             F.cross_entropy(logits, yt[idx]).backward()
             opt.step()
-            hits += int((logits.detach().argmax(-1) == yt[idx]).sum())
-            seen += len(idx)
-            step += 1
+            state["hits"] += int((logits.detach().argmax(-1) == yt[idx]).sum())
+            state["seen"] += len(idx)
+            state["step"] += 1
+            state["batch"] += 1
             if bar is not None:
                 bar.update(1)
-            if step % int(every) == 0:
-                record(step)
+            if schedule == "epoch":
+                due = b % int(every) == 0
+                last = b + int(every) >= per_epoch
+            else:
+                due = state["step"] % int(every) == 0
+                last = (state["step"] + int(every)) // per_epoch > state["step"] // per_epoch \
+                    or state["step"] + int(every) > total
+            if due:
+                record(state["step"], last)
+                save()
+        state["epoch"] += 1
+        state["batch"] = 0
+        state["perm"] = None
+        save()
     if bar is not None:
         bar.close()
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(state["rows"])
+    if not return_pairs:
+        return frame
+    pairs = {name: torch.stack([p[name] for p in state["pairs"]]).numpy()
+             for name in (state["pairs"][0] if state["pairs"] else {})}
+    return frame, pairs
 
 
-def tracking_summary(frame, measure: str = "kl") -> Dict[str, float]:
-    """Dan et al.'s two numbers from a :func:`track_elasticity` frame, for one measure.
-
-    ``frac_same_exceeds``: fraction of (time point, class k) where the same-class value
-    S[k, k] exceeds both (all) cross-class values S[k, k'] (row = update class);
-    ``last_epoch_ratio``: over the records of the last epoch, mean_k S[k, k] divided by the mean
-    of the cross-class values. Records before training (step 0) are left out.
-    """
+def _measure_matrices(frame, measure: str) -> np.ndarray:
+    """[T, K, K] class-pair matrices of one measure from a tracking frame."""
     cols = [c for c in frame.columns if c.startswith(measure + "_")
             and c[len(measure) + 1:].replace("_", "").isdigit()]
     if not cols:
         raise ValueError(f"no columns for measure {measure!r} in the frame")
     k = int(round(math.sqrt(len(cols))))
-    f = frame[frame["step"] > 0]
-    s = np.stack([[f[f"{measure}_{a}_{b}"].to_numpy() for b in range(k)] for a in range(k)])
-    same = np.stack([s[a, a] for a in range(k)])                      # [K, T]
-    cross = np.stack([np.delete(s[a], a, axis=0) for a in range(k)])  # [K, K-1, T]
-    exceeds = (same[:, None, :] > cross).all(axis=1)
-    last = f["epoch"].to_numpy() > (np.ceil(f["epoch"].max()) - 1)
-    ratio = same[:, last].mean() / cross[:, :, last].mean()
-    return {"frac_same_exceeds": float(exceeds.mean()), "last_epoch_ratio": float(ratio)}
+    return np.stack([[frame[f"{measure}_{a}_{b}"].to_numpy(dtype=np.float64) for b in range(k)]
+                     for a in range(k)]).transpose(2, 0, 1)
+
+
+def tracking_statistics(frame, measure: str = "kl"):
+    """Per-record :func:`locality_statistics` of one measure of a :func:`track_elasticity`
+    frame: a ``pandas.DataFrame`` with ``step``, ``epoch``, ``frac_same_exceeds`` (mean over
+    the K update classes; chance 1/K), ``frac_k`` per update class, ``ratio`` (chance 1) and
+    ``double_log_ratio`` (chance 0)."""
+    import pandas as pd
+
+    st = locality_statistics(_measure_matrices(frame, measure))
+    out = pd.DataFrame({"step": frame["step"].to_numpy(), "epoch": frame["epoch"].to_numpy()})
+    out["frac_same_exceeds"] = st["frac_same_exceeds"].mean(-1)
+    for a in range(st["frac_same_exceeds"].shape[-1]):
+        out[f"frac_{a}"] = st["frac_same_exceeds"][:, a]
+    out["ratio"] = st["ratio"]
+    out["double_log_ratio"] = st["double_log_ratio"]
+    return out
+
+
+def tracking_summary(frame, measure: str = "kl") -> Dict[str, float]:
+    """Dan et al.'s two numbers from a :func:`track_elasticity` frame, for one measure, with
+    their chance levels, and the double log-ratio:
+
+    - ``frac_same_exceeds``: fraction of (record, update class k) where S[k, k] exceeds every
+      cross-class S[k, l] (row = update class); ``frac_chance`` = 1/K (exchangeable rows);
+      ``frac_per_class``: the same per update class (a column effect shows as 1s and 0s);
+    - ``last_epoch_ratio``: over the records of the last epoch, mean_k S[k, k] divided by the
+      mean of the cross-class values (chance 1);
+    - ``double_log_ratio_first`` / ``double_log_ratio_last_epoch``: the double log-ratio of
+      :func:`locality_statistics` at the first record and averaged over the last epoch
+      (chance 0).
+
+    Records before training (step 0) are left out of the fraction and ratio.
+    """
+    s = _measure_matrices(frame, measure)
+    st = locality_statistics(s)
+    trained = frame["step"].to_numpy() > 0
+    epoch = frame["epoch"].to_numpy()
+    last = trained & (epoch > (np.ceil(epoch.max()) - 1))
+    k = s.shape[-1]
+    diag = np.diagonal(s, axis1=-2, axis2=-1)
+    cross = s[:, ~np.eye(k, dtype=bool)]
+    exceeds = st["frac_same_exceeds"][trained]
+    return {"frac_same_exceeds": float(exceeds.mean()), "frac_chance": 1.0 / k,
+            "frac_per_class": [float(v) for v in exceeds.mean(0)],
+            "last_epoch_ratio": float(diag[last].mean() / cross[last].mean()),
+            "double_log_ratio_first": float(st["double_log_ratio"][0]),
+            "double_log_ratio_last_epoch": float(st["double_log_ratio"][last].mean()),
+            "records": int(len(frame))}
+
+
+# --------------------------------------------------------------------------------------------
+# Dan et al.'s released curves as a reference
+# --------------------------------------------------------------------------------------------
+DAN_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+DAN_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+"""The per-channel normalisation of Dan et al.'s CIFAR-10 inputs (after scaling to [0, 1])."""
+
+
+def read_reference_curves(path, dataset: str = "cifar10", definition: str = "kl"):
+    """Dan et al.'s released S_rel curves (``srel_curves.csv``: columns ``dataset``,
+    ``definition``, ``run``, ``probe_class``, ``update_class``, ``record``, ``s_rel``) as
+    class-pair matrices in this module's orientation: an array [runs, records, K, K] with
+    **row = update class, column = probe class**."""
+    import pandas as pd
+
+    tab = pd.read_csv(path)
+    need = {"dataset", "definition", "run", "probe_class", "update_class", "record", "s_rel"}
+    missing = need - set(tab.columns)
+    if missing:
+        raise ValueError(f"{path}: not a reference-curve table (missing columns "
+                         f"{sorted(missing)})")
+    tab = tab[(tab["dataset"] == dataset) & (tab["definition"] == definition)]
+    if tab.empty:
+        raise ValueError(f"{path}: no rows for dataset {dataset!r}, definition {definition!r}")
+    runs = sorted(tab["run"].unique())
+    recs = sorted(tab["record"].unique())
+    k = int(max(tab["probe_class"].max(), tab["update_class"].max())) + 1
+    out = np.full((len(runs), len(recs), k, k), np.nan)
+    ri = {r: i for i, r in enumerate(runs)}
+    ti = {r: i for i, r in enumerate(recs)}
+    for row in tab.itertuples(index=False):
+        out[ri[row.run], ti[row.record], int(row.update_class), int(row.probe_class)] = row.s_rel
+    return out

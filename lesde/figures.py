@@ -7,6 +7,7 @@ beside ``path``.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Optional, Sequence
 
@@ -18,6 +19,8 @@ from .plotting import (FULL_WIDTH, band, color, legend_outside, mathify, new_fig
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
            "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
            "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking", "plot_fit",
+           "plot_tracking_statistics", "plot_dan_comparison", "plot_torus_profiles",
+           "plot_clustering_summary",
            "plot_goodness_of_fit"]
 
 
@@ -221,6 +224,143 @@ def plot_elasticity_tracking(frame, classes, path) -> str:
             ax.set_title(f"S_rel ({'KL' if m == 'kl' else 'norm ratio'}), update class {classes[a]}", fontsize=9)
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_torus_profiles(profiles: dict, edges, path) -> str:
+    """Mean S_rel per geodesic-distance bin on the torus curves, one panel per network, at
+    initialisation (dashed) and after training (solid); mean over seeds with a +-1 sd band.
+    ``profiles``: (network, steps) -> list of bin-mean arrays (one per seed)."""
+    plt = _plt()
+    nets = list(dict.fromkeys(k[0] for k in profiles))
+    centres = 0.5 * (np.asarray(edges)[1:] + np.asarray(edges)[:-1])
+    fig, axes = plt.subplots(1, len(nets), figsize=(3.3 * len(nets), 3.2), sharey=True, squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        for (name, steps), vals in profiles.items():
+            if name != net:
+                continue
+            v = np.asarray(vals)
+            m, sd = v.mean(0), v.std(0)
+            ls = "--" if steps == 0 else "-"
+            ax.plot(centres, m, ls, marker="o", ms=3, label=f"{steps} steps ({len(v)} seeds)")
+            ax.fill_between(centres, m - sd, m + sd, alpha=0.2, lw=0)
+        ax.set_title(net, fontsize=9)
+        ax.set_xlabel("geodesic distance (rad)")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("mean S_rel (logit) in the bin")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_clustering_summary(summary, path) -> str:
+    """He & Su's clustering scores, one panel per class pair: mean +- sd over seeds (horizontal
+    bars) for each (network, width, output, method), coloured by network, with the chance level
+    of a class-blind labelling (grey: its mean to its 95% quantile). ``summary``: the
+    ``clustering_summary.csv`` table."""
+    plt = _plt()
+    pairs = list(dict.fromkeys(summary["pair"]))
+    first = summary[summary["pair"] == pairs[0]]
+    keys = [(r.network, str(r.width), r.output, r.method) for r in first.itertuples()]
+    labels = ["baseline: " + m if n == "-" else f"{n}, m={w}, {o[:5]}: {m}" for n, w, o, m in keys]
+    nets = list(dict.fromkeys(k[0] for k in keys))
+    colour = {n: f"C{i}" for i, n in enumerate(nets)}
+    ncol = 2 if len(pairs) > 1 else 1
+    nrow = math.ceil(len(pairs) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(7.5 * ncol, 0.22 * len(keys) * nrow + 1.2 * nrow),
+                             squeeze=False, sharey=True)
+    for i, pair in enumerate(pairs):
+        ax = axes[i // ncol, i % ncol]
+        t = summary[summary["pair"] == pair]
+        lookup = {(r.network, str(r.width), r.output, r.method): r for r in t.itertuples()}
+        for y, k in enumerate(keys):
+            r = lookup.get(k)
+            if r is None:
+                continue
+            sd = 0.0 if r.accuracy_sd != r.accuracy_sd else r.accuracy_sd
+            ax.errorbar(r.accuracy_mean, y, xerr=sd, fmt="o", ms=4, capsize=2, color=colour[k[0]])
+        ax.axvspan(float(t["chance_mean"].iloc[0]), float(t["chance_q95"].iloc[0]), color="0.8",
+                   zorder=0, label="chance: mean to 95% quantile")
+        ax.set_yticks(range(len(keys)))
+        ax.set_yticklabels(labels, fontsize=7)
+        if i == 0:
+            ax.invert_yaxis()   # first configuration on top (the y axis is shared)
+        ax.set_title(f"{pair}: 0.5 + |acc - 0.5|, mean +- sd over {int(t['seeds'].max())} seeds",
+                     fontsize=9)
+        ax.set_xlabel("clustering score")
+        if i == 0:
+            ax.legend(fontsize=7, loc="best")
+    for j in range(len(pairs), nrow * ncol):
+        axes[j // ncol, j % ncol].axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+_STAT_LABELS = (("frac_same_exceeds", "same-class S above both cross-class", 1.0 / 3.0),
+                ("ratio", "same / cross ratio", 1.0),
+                ("double_log_ratio", "double log-ratio", 0.0))
+
+
+def plot_tracking_statistics(frames, classes, path, measures=None) -> str:
+    """Locality statistics of tracking runs (``lesde.elasticity.tracking_statistics``) against
+    epochs: one row per measure, columns = the fraction of update classes whose same-class
+    S_rel exceeds both cross-class values, the same/cross ratio, the double log-ratio; mean
+    over runs with a min-max band, and the chance level (1/K, 1, 0) as a dashed line."""
+    from .elasticity import TRACK_MEASURES, tracking_statistics
+
+    plt = _plt()
+    measures = [m for m in (measures or TRACK_MEASURES) if f"{m}_0_0" in frames[0].columns]
+    k = len(classes)
+    fig, axes = plt.subplots(len(measures), 3, figsize=(12, 2.6 * len(measures)), squeeze=False)
+    for row, m in enumerate(measures):
+        stats = [tracking_statistics(f, m) for f in frames]
+        n = min(len(s) for s in stats)
+        ep = stats[0]["epoch"].to_numpy()[:n]
+        for col, (key, label, chance) in enumerate(_STAT_LABELS):
+            ax = axes[row, col]
+            v = np.stack([s[key].to_numpy()[:n] for s in stats])
+            ax.plot(ep, v.mean(0), lw=1.5, label=f"mean of {len(frames)} runs")
+            if len(frames) > 1:
+                ax.fill_between(ep, v.min(0), v.max(0), alpha=0.25, lw=0, label="min-max over runs")
+            ax.axhline(1.0 / k if key == "frac_same_exceeds" else chance, ls="--", color="k", lw=1,
+                       label="chance")
+            ax.set_title(f"{m}: {label}", fontsize=9)
+            ax.set_xlabel("epoch")
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_dan_comparison(table, path) -> str:
+    """This package's tracking runs against Dan et al.'s released curves, record by record
+    (a table from ``lesde elasticity compare``): rows = (our measure, their definition),
+    columns = fraction / ratio / double log-ratio; mean over runs with +-1 sd bands, chance
+    dashed."""
+    plt = _plt()
+    keys = list(dict.fromkeys(zip(table["ours"], table["reference"])))
+    fig, axes = plt.subplots(len(keys), 3, figsize=(12, 2.7 * len(keys)), squeeze=False)
+    for row, (ours, ref) in enumerate(keys):
+        t = table[(table["ours"] == ours) & (table["reference"] == ref)]
+        ep = t["epoch"].to_numpy()
+        for col, (name, (key, label, chance)) in enumerate(zip(("frac", "ratio", "dlr"), _STAT_LABELS)):
+            ax = axes[row, col]
+            for who, colour, tag in (("ours", "C0", f"this package ({ours})"),
+                                     ("ref", "C3", f"released curves ({ref})")):
+                if f"{name}_{who}" not in t or t[f"{name}_{who}"].isna().all():
+                    continue
+                m, sd = t[f"{name}_{who}"].to_numpy(), t[f"{name}_{who}_sd"].to_numpy()
+                ax.plot(ep, m, color=colour, lw=1.4, label=tag)
+                ax.fill_between(ep, m - sd, m + sd, color=colour, alpha=0.2, lw=0)
+            ax.axhline(chance, ls="--", color="k", lw=1, label="chance")
+            if name == "ratio":
+                vals = t[[c for c in ("ratio_ours", "ratio_ref") if c in t]].to_numpy(dtype=float)
+                if np.nanmax(vals) / max(np.nanmin(vals), 1e-300) > 20:
+                    ax.set_yscale("log")
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -14,7 +14,11 @@ Networks
 - :class:`ResNet20` -- the CIFAR ResNet-20 of He et al. (2016), section 4.2.
 - :class:`LeNet` -- the LeNet-style net of Zhang, Wang & Su (2021).
 - :class:`MLP` -- a fully connected net; ``activation=None`` gives the linear control model of
-  He & Su (ICLR 2020, arXiv 1910.06943).
+  He & Su (ICLR 2020, arXiv 1910.06943); ``activation="elephant"`` the elephant activation of
+  Lan & Mahmood (arXiv 2310.01365, :func:`elephant`).
+- :class:`ResNet18ImageNet` -- ResNet-18 in its ImageNet layout (7x7 stride-2 stem and max pool)
+  without BatchNorm and without convolution biases, the network of Dan, Gampa & Mukherjee's
+  local-elasticity tracking (arXiv 2111.01166).
 
 :func:`build_net` builds any of them by name from a JSON-able configuration; :data:`NETS` is the
 registry it reads.
@@ -43,6 +47,7 @@ Both float32 and float64 work (``net.double()``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -50,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "NETS", "build_net"]
+__all__ = ["FeatureNet", "ResNet18", "ResNet18ImageNet", "ResNet20", "LeNet", "MLP", "Elephant",
+           "elephant", "NETS", "build_net"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +315,81 @@ class ResNet20(_CifarResNet):
         self.width = float(width)
 
 
+class _PlainBlock(nn.Module):
+    """BasicBlock without normalisation and without biases: ``relu(conv2(relu(conv1(x))) + skip)``,
+    ``skip`` a bias-free 1x1 convolution with stride where the shape changes (option B)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.downsample = (nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+                           if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(F.relu(self.conv1(x)))
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + skip)
+
+
+class ResNet18ImageNet(FeatureNet):
+    """ResNet-18 in the ImageNet layout (He, Zhang, Ren & Sun, CVPR 2016, arXiv 1512.03385,
+    table 1) with every BatchNorm removed, as Dan, Gampa & Mukherjee (arXiv 2111.01166) run it
+    on 32x32 CIFAR images.
+
+    Architecture, for inputs ``(B, in_channels, 32, 32)`` and ``w = width``::
+
+        conv 7x7, 64w, stride 2, padding 3 + ReLU     -> (B,  64w, 16, 16)
+        max pool 3x3, stride 2, padding 1             -> (B,  64w,  8,  8)
+        2 blocks,  64w                                -> (B,  64w,  8,  8)
+        2 blocks, 128w, first with stride 2           -> (B, 128w,  4,  4)
+        2 blocks, 256w, first with stride 2           -> (B, 256w,  2,  2)
+        2 blocks, 512w, first with stride 2           -> (B, 512w,  1,  1)
+        global average pool = features                -> (B, 512w)
+        head: Linear(512w, num_classes)               -> (B, num_classes)
+
+    No normalisation layer and no convolution bias (their BatchNorm layers are replaced by the
+    identity, and the torchvision-style convolutions have ``bias=False``); convolutions are
+    initialised from N(0, 2 / fan_out) (``kaiming_normal_(mode="fan_out")``), the head keeps
+    PyTorch's default. Unlike :class:`ResNet18` (CIFAR layout, no down-sampling before the first
+    stage) this layout reaches 8x8 after the stem, so a forward pass costs about 1/15 of it at
+    the same width. At width 1 with 3 classes: 11,168,451 parameters (torchvision's ResNet-18
+    less its BatchNorm, with a 3-way head).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of outputs K.
+    width : float
+        Channel multiplier (1.0: 64-128-256-512); channels ``round(c * width)``, at least 1.
+    in_channels : int
+        Input channels.
+    """
+
+    def __init__(self, num_classes: int = 3, width: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.width = float(width)
+        widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
+        self.stem = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+        layers, c_in = [], widths[0]
+        for i, c in enumerate(widths):
+            for j in range(2):
+                layers.append(_PlainBlock(c_in, c, 2 if (i > 0 and j == 0) else 1))
+                c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.head = nn.Linear(c_in, self.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, feature_dim)``: stem, max pool, residual stages, average pool."""
+        out = F.max_pool2d(F.relu(self.stem(x)), 3, stride=2, padding=1)
+        return self.blocks(out).mean(dim=(2, 3))
+
+
 # --------------------------------------------------------------------------------------------
 # LeNet and MLP
 # --------------------------------------------------------------------------------------------
@@ -347,13 +428,56 @@ class LeNet(FeatureNet):
         return F.relu(self.fc2(out))
 
 
+def elephant(x: Tensor, a: float = 1.0, d: float = 4.0, h: float = 1.0) -> Tensor:
+    """Elephant activation of Lan & Mahmood ("Elephant neural networks: born to be a continual
+    learner", arXiv 2310.01365):
+
+        elephant(x) = h / (1 + |x / a|^d)
+
+    a bump of height ``h`` and half-width ``a`` (elephant(+-a) = h/2) whose flanks fall like
+    |x|^-d. Its output and its gradient are both sparse: for |x| >> a both vanish, so a unit
+    only learns from, and only changes its output at, inputs whose pre-activation lies within
+    about ``a`` of 0. ``d`` sets how sharp the edge is (d > 1 for a derivative at 0).
+
+    The authors' code learns ``a`` and ``h`` per unit and normalises pre-activations
+    (LayerNorm) before the activation, with d = 4 and a = 0.1 by default; here a, d and h are
+    fixed numbers, so choose ``a`` relative to the scale of the pre-activations.
+    """
+    u = torch.abs(x / a)
+    small = u <= 1
+    # evaluated without overflow: 1 / (1 + u^d) for u <= 1, u^-d / (u^-d + 1) beyond (each branch
+    # on inputs where it is finite, so that neither the value nor the gradient meets inf / inf)
+    u_lo = torch.where(small, u, torch.ones_like(u))
+    v_hi = torch.where(small, torch.ones_like(u), u) ** (-d)
+    return h * torch.where(small, 1.0 / (1.0 + u_lo ** d), v_hi / (1.0 + v_hi))
+
+
+class Elephant(nn.Module):
+    """The elephant activation :func:`elephant` as a module (fixed ``a``, ``d``, ``h``)."""
+
+    def __init__(self, a: float = 1.0, d: float = 4.0, h: float = 1.0):
+        super().__init__()
+        if not (a > 0 and d > 0 and h > 0):
+            raise ValueError(f"elephant needs a, d, h > 0, got a={a}, d={d}, h={h}")
+        self.a, self.d, self.h = float(a), float(d), float(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return elephant(x, self.a, self.d, self.h)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, d={self.d:g}, h={self.h:g}"
+
+
 _ACTIVATIONS: Dict[Optional[str], Optional[Callable[[Tensor], Tensor]]] = {
     None: None,
     "linear": None,
     "relu": F.relu,
     "tanh": torch.tanh,
     "gelu": F.gelu,
+    "elephant": elephant,
 }
+# parameters each activation accepts through ``MLP(activation_kwargs=...)``
+_ACTIVATION_PARAMS: Dict[Optional[str], Tuple[str, ...]] = {"elephant": ("a", "d", "h")}
 
 
 class MLP(FeatureNet):
@@ -378,10 +502,18 @@ class MLP(FeatureNet):
         Hidden widths.
     num_classes : int
         Number of outputs K (``1`` for a scalar-output net).
-    activation : {"relu", "tanh", "gelu", "linear", None}
+    activation : {"relu", "tanh", "gelu", "elephant", "linear", None}
         Nonlinearity after every hidden layer.
     bias : bool
         Biases in every layer, head included.
+    activation_kwargs : dict, optional
+        Parameters of the activation: for ``"elephant"`` its ``a``, ``d``, ``h``
+        (:func:`elephant`; defaults a = 1, d = 4, h = 1).
+    bias_spread : float, optional
+        If given, the biases of the first layer are set to evenly spaced values over
+        [-sqrt(3) s, sqrt(3) s] (standard deviation s = ``bias_spread``), the initialisation
+        Lan & Mahmood's code gives elephant layers so that the units' bumps sit at different
+        places; default: PyTorch's.
     """
 
     def __init__(
@@ -391,6 +523,8 @@ class MLP(FeatureNet):
         num_classes: int = 2,
         activation: Optional[str] = "relu",
         bias: bool = True,
+        activation_kwargs: Optional[Dict[str, float]] = None,
+        bias_spread: Optional[float] = None,
     ):
         super().__init__()
         key = activation.lower() if isinstance(activation, str) else activation
@@ -399,6 +533,16 @@ class MLP(FeatureNet):
             raise ValueError(f"activation must be one of {known}; got {activation!r}")
         self.activation = key if key is not None else "linear"
         self._act = _ACTIVATIONS[key]
+        self.activation_kwargs = dict(activation_kwargs or {})
+        if self.activation_kwargs:
+            allowed = _ACTIVATION_PARAMS.get(key, ())
+            unknown = sorted(set(self.activation_kwargs) - set(allowed))
+            if unknown:
+                raise ValueError(f"activation {self.activation!r} takes parameters "
+                                 f"{list(allowed)}; got {unknown}")
+            if key == "elephant":
+                Elephant(**self.activation_kwargs)  # validates a, d, h > 0
+            self._act = functools.partial(self._act, **self.activation_kwargs)
         self.in_dim = _positive_int("in_dim", in_dim)
         if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
             raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
@@ -410,6 +554,14 @@ class MLP(FeatureNet):
         )
         self.feature_dim = dims[-1]
         self.head = nn.Linear(self.feature_dim, self.num_classes, bias=bias)
+        self.bias_spread = None if bias_spread is None else float(bias_spread)
+        if self.bias_spread is not None:
+            if not self.layers or not bias or self.bias_spread < 0:
+                raise ValueError("bias_spread needs a hidden layer with biases and a value >= 0")
+            first = self.layers[0].bias
+            half = math.sqrt(3.0) * self.bias_spread
+            with torch.no_grad():
+                first.copy_(torch.linspace(-half, half, first.numel(), dtype=first.dtype))
 
     def features(self, x: Tensor) -> Tensor:
         """``(B, ...) -> (B, feature_dim)``; the input is flattened after the batch dimension."""

@@ -480,7 +480,9 @@ def test_kernel_kmeans_known_clusterings():
 
 
 def test_cluster_pair_on_sklearn_digits():
-    """The whole He & Su pipeline on scikit-learn's 8x8 digits (3 vs 5), in seconds."""
+    """The whole He & Su pipeline on scikit-learn's 8x8 digits (3 vs 5), in seconds: the fast
+    two-layer path gives the same symmetrised matrices as the generic per-example path, for the
+    logit and for the probability, and the result carries its chance level."""
     from sklearn.datasets import load_digits
 
     from lesde.nets import MLP
@@ -493,16 +495,26 @@ def test_cluster_pair_on_sklearn_digits():
     torch.manual_seed(0)
     net = MLP(64, hidden=(128,), num_classes=1).to(DT)
     res = el.cluster_pair(net, X[prim], Y[prim], X[aux], epochs=15, lr=0.05, seed=0)
+    assert res.output == "probabilities"          # the default for BCE, as He & Su measure
     assert set(res.accuracy) == {"kmeans_rel", "spectral_rel", "kernel_kmeans_ker",
                                  "kmeans_raw", "pca_kmeans"}
-    assert res.history[-1] < res.history[0]
-    for name, acc in res.accuracy.items():
-        assert 0.5 <= acc <= 1.0
-        assert acc > 0.75, (name, acc)  # 3 vs 5 is easy: all methods cluster it well
-    assert res.s_rel.shape == (160, 160)
-    torch.testing.assert_close(res.s_rel, res.s_rel.T)
+    assert res.history[-1] < 0.5 * res.history[0]
+    assert res.chance == el.clustering_chance((80, 80))
+    xp = torch.as_tensor(X[prim], dtype=DT)
+    ones = torch.ones(len(prim))
+    for output, s_rel, s_ker in (("probabilities", res.s_rel, res.s_ker),
+                                 ("logits", None, None)):
+        generic = el.one_step_changes(nn.Sequential(net), xp, ones, loss="bce", output=output)
+        if s_rel is None:
+            z = net(xp).detach().reshape(-1)
+            s_rel, s_ker = (el.symmetrize(m) for m in el.kernel_similarities(
+                el.mlp_ntk(net, xp), z, output))
+        torch.testing.assert_close(s_rel, el.symmetrize(generic.relative()), rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(s_ker, el.symmetrize(generic.kernelized()), rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="scalar-output"):
         el.cluster_pair(MLP(64, hidden=(8,), num_classes=2), X[prim], Y[prim], X[aux])
+    with pytest.raises(ValueError, match="output"):
+        el.cluster_pair(net, X[prim], Y[prim], X[aux], output="logit")
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,51 +532,157 @@ def test_torus_curves():
     torch.testing.assert_close(d, torch.tensor([2 * math.pi - 6.0, 3.0]))
 
 
-def test_torus_locality_relu_vs_linear():
-    """ReLU: S_rel falls with geodesic distance; linear: no relation.
+def test_torus_locality_relu_decays_linear_is_closed_form():
+    """ReLU: S_rel falls with geodesic distance over the whole of [0, pi] (bin means strictly
+    decreasing, near/far contrast large); a symmetric function of the angle (e.g. |cos dtheta|,
+    which is what a linear network gives) rises again beyond pi/2 and fails this.
 
-    Observed (seeds 0-4, width 512, 0 to 3,000 full-batch steps): ReLU Pearson -0.95 to -0.96;
-    linear -0.02 to -0.05. For the linear net S_rel = |x^T A x' + c| / (x^T A x + c), and on
-    the torus x.x' ~ r^2 cos(dtheta): |cos| is symmetric about dtheta = pi/2, so its
-    correlation with dtheta in [0, pi] is about zero. The thresholds (-0.5 and 0.2) sit far from
-    both observed ranges.
-    """
+    Linear network f(x) = a.(W x + b) + c: its NTK is exactly
+    |a|^2 (x.x' + 1) + (W x + b).(W x' + b) + 1, so its S_rel is known from the weights; on the
+    torus it follows |cos dtheta| (V-shaped in distance), not the distance."""
     relu = el.torus_locality("relu", seed=0, hidden=512, steps=300, lr=0.01)
-    lin = el.torus_locality(None, seed=0, hidden=512, steps=300, lr=0.001)
-    assert relu.pearson < -0.5
-    assert abs(lin.pearson) < 0.2
+    assert relu.monotone, relu.bin_means
+    assert relu.bin_means[0] > 5 * relu.bin_means[-3:].mean()
+    assert relu.pearson < -0.9
     assert relu.s_rel.shape == relu.distance.shape == (2 * 50 * 49,)
+    lin = el.torus_locality(None, seed=0, hidden=512, steps=300, lr=0.001)
+    x, y, theta = el.torus_curves(50, seed=0)
+    W, b = lin.model.layers[0].weight.detach(), lin.model.layers[0].bias.detach()
+    a = lin.model.head.weight.detach()[0]
+    h = x @ W.T + b
+    K = (a @ a) * (x @ x.T + 1) + h @ h.T + 1
+    S = (K.abs() / K.diagonal()[:, None])
+    mask = (y[:, None] == y[None, :]) & ~torch.eye(100, dtype=torch.bool)
+    np.testing.assert_allclose(lin.s_rel, S[mask].numpy(), rtol=1e-9)
+    assert not lin.monotone
+    assert lin.bin_means[-1] > 2 * lin.bin_means[len(lin.bin_means) // 2]   # rises again
+    assert lin.pearson_abscos > 0.9
 
 
 # --------------------------------------------------------------------------------------------
 # tracking during training
 # --------------------------------------------------------------------------------------------
-def test_class_elasticity_and_tracking():
+def _digits3(n=240):
     from sklearn.datasets import load_digits
-
-    from lesde.nets import MLP
 
     X, Y = load_digits(return_X_y=True)
     keep = Y < 3
-    X, Y = X[keep][:240] / 16.0, Y[keep][:240]
+    X, Y = X[keep][:n] / 16.0, Y[keep][:n]
     rng = np.random.default_rng(0)
     probe = np.concatenate([rng.choice(np.where(Y == c)[0], 4, replace=False) for c in range(3)])
+    return torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y), probe
+
+
+def test_tracking_records_the_measures_of_the_trained_network():
+    """Each record is class_elasticity of the network at that moment (row = update class),
+    taken where the schedule says: 'epoch' after minibatch b of every epoch with b % every == 0
+    (the first record follows the first step, as in Dan et al.'s code), 'global' before training
+    and every `every` steps. The first records are recomputed here by hand."""
+    import copy
+
+    from lesde.nets import MLP
+
+    X, Y, probe = _digits3()
     torch.manual_seed(0)
     net = MLP(64, hidden=(32,), num_classes=3)
-    mats = el.class_elasticity(net, X[probe], Y[probe], lr=1e-3)
-    assert set(mats) == {"kl", "kl_compat", "norm"}
-    for m in mats.values():
-        assert m.shape == (3, 3) and torch.isfinite(m).all()
-    before = [p.detach().clone() for p in net.parameters()]
-    frame = el.track_elasticity(net, X, Y, X[probe], Y[probe], epochs=2, batch_size=40,
-                                lr=1e-3, every=3, x_test=X[:60], y_test=Y[:60], progress=False)
-    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert list(frame["step"]) == [0, 3, 6, 9, 12]
-    assert {"kl_0_0", "kl_2_1", "norm_1_1", "kl_compat_0_2", "train_acc", "test_acc"} \
-        <= set(frame.columns)
-    assert frame["train_acc"].iloc[-1] > frame["train_acc"].iloc[1]
-    for measure in ("kl", "norm"):
-        summ = el.tracking_summary(frame, measure)
-        assert 0.0 <= summ["frac_same_exceeds"] <= 1.0 and summ["last_epoch_ratio"] > 0
+    start = copy.deepcopy(net)
+    frame = el.track_elasticity(net, X, Y, X[probe], Y[probe], epochs=2, batch_size=40, lr=1e-3,
+                                weight_decay=1e-4, every=3, x_test=X[:60], y_test=Y[:60],
+                                progress=False)
+    assert list(frame["step"]) == [1, 4, 7, 10]      # 6 minibatches per epoch, b = 0, 3
+    assert {"kl_0_0", "kl_2_1", "norm_1_1", "kl_compat_0_2", "norm_prob_2_2", "suhe_compat_1_0",
+            "train_acc", "test_acc"} <= set(frame.columns)
+    # the first record: one Adam step (weight decay 1e-4) on the first minibatch of the shuffle
+    manual = copy.deepcopy(start)
+    opt = torch.optim.Adam(manual.parameters(), lr=1e-3, weight_decay=1e-4)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(manual(X[perm[:40]]), Y[perm[:40]]).backward()
+    opt.step()
+    mats = el.class_elasticity(manual, X[probe], Y[probe], lr=1e-3)
+    for name, m in mats.items():
+        got = np.array([[frame[f"{name}_{a}_{b}"].iloc[0] for b in range(3)] for a in range(3)])
+        np.testing.assert_allclose(got, m.numpy(), rtol=1e-5, err_msg=name)
+    # the global schedule records the untouched network first
+    g = el.track_elasticity(copy.deepcopy(start), X, Y, X[probe], Y[probe], epochs=1,
+                            batch_size=40, lr=1e-3, every=2, schedule="global", progress=False)
+    assert list(g["step"]) == [0, 2, 4, 6]
+    m0 = el.class_elasticity(start, X[probe], Y[probe], lr=1e-3)
+    np.testing.assert_allclose(g["kl_1_2"].iloc[0], float(m0["kl"][1, 2]), rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        el.track_elasticity(net, X, Y, X[probe], Y[probe], schedule="step", progress=False)
+
+
+def test_tracking_resumes_from_its_checkpoint(tmp_path):
+    """An interrupted run (here: stopped after one of two epochs) continues from its checkpoint
+    and ends with the same records and weights as an uninterrupted run."""
+    from lesde.nets import MLP
+
+    X, Y, probe = _digits3(150)
+    kw = dict(batch_size=30, lr=1e-3, every=2, progress=False, seed=3)
+    torch.manual_seed(1)
+    full_net = MLP(64, hidden=(16,), num_classes=3)
+    state = {k: v.clone() for k, v in full_net.state_dict().items()}
+    full, pairs = el.track_elasticity(full_net, X, Y, X[probe], Y[probe], epochs=2,
+                                      return_pairs=True, **kw)
+    ck = str(tmp_path / "ck.pt")
+    part_net = MLP(64, hidden=(16,), num_classes=3)
+    part_net.load_state_dict(state)
+    el.track_elasticity(part_net, X, Y, X[probe], Y[probe], epochs=1, checkpoint=ck, **kw)
+    resumed_net = MLP(64, hidden=(16,), num_classes=3)   # other weights: the checkpoint wins
+    resumed, pairs2 = el.track_elasticity(resumed_net, X, Y, X[probe], Y[probe], epochs=2,
+                                          checkpoint=ck, return_pairs=True, **kw)
+    assert len(resumed) == len(full) == 6
+    np.testing.assert_allclose(resumed.drop(columns=["test_acc"]).to_numpy(dtype=float),
+                               full.drop(columns=["test_acc"]).to_numpy(dtype=float), rtol=1e-6)
+    for a, b in zip(resumed_net.parameters(), full_net.parameters()):
+        torch.testing.assert_close(a, b)
+    assert pairs2["kl"].shape == pairs["kl"].shape == (6, 12, 12)
+
+
+def test_tracking_summary_known_answer():
+    """A frame built from S[t, k, l] = r_k c_l L_t[k, l]: the summary's fraction is row-wise
+    (update class), its chance 1/K, the ratio is diag mean over off-diagonal mean over the last
+    epoch, and the double log-ratio recovers the locality alone."""
+    import pandas as pd
+
+    r = np.array([5.0, 1.0, 1.0])
+    c = np.array([1.0, 10.0, 100.0])
+    lams = np.array([0.1, 0.4, 0.7, 0.9])              # records at epochs 0.5, 1.0, 1.5, 2.0
+    rows = []
+    for t, lam in enumerate(lams):
+        S = r[:, None] * c[None, :] * np.exp(lam * np.eye(3))
+        row = {"step": t + 1, "epoch": 0.5 * (t + 1), "train_acc": 0.5, "test_acc": 0.5}
+        row.update({f"kl_{a}_{b}": S[a, b] for a in range(3) for b in range(3)})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    summ = el.tracking_summary(frame, "kl")
+    # row 2 qualifies always (100 e^lam > 1, 10); rows 0 and 1 never (e^lam < 10)
+    assert summ["frac_same_exceeds"] == pytest.approx(1 / 3)
+    assert summ["frac_per_class"] == [0.0, 0.0, 1.0]
+    assert summ["frac_chance"] == pytest.approx(1 / 3)
+    assert summ["double_log_ratio_first"] == pytest.approx(2 * 0.1)
+    assert summ["double_log_ratio_last_epoch"] == pytest.approx(2 * np.mean([0.7, 0.9]))
+    last = [np.exp(0.7 * np.eye(3)), np.exp(0.9 * np.eye(3))]
+    S_last = [r[:, None] * c[None, :] * L for L in last]
+    diag = np.mean([np.diag(S).mean() for S in S_last])
+    cross = np.mean([S[~np.eye(3, dtype=bool)].mean() for S in S_last])
+    assert summ["last_epoch_ratio"] == pytest.approx(diag / cross)
+    stats = el.tracking_statistics(frame, "kl")
+    np.testing.assert_allclose(stats["double_log_ratio"], 2 * lams)
     with pytest.raises(ValueError, match="measure"):
         el.tracking_summary(frame, "cosine")
+
+
+def test_crop_flip_is_a_shifted_crop_or_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 3, 8, 8, generator=g)
+    out = el.crop_flip(x, pad=2, seed=1)
+    assert out.shape == x.shape
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(20):
+        found = any(torch.equal(out[i], cand) for oy in range(5) for ox in range(5)
+                    for cand in (padded[i, :, oy:oy + 8, ox:ox + 8],
+                                 padded[i, :, oy:oy + 8, ox:ox + 8].flip(-1)))
+        assert found
+    assert not torch.equal(out, x)
+    assert torch.equal(out, el.crop_flip(x, pad=2, seed=1))
