@@ -26,10 +26,12 @@ from . import metrics, theory
 from .data import (
     CIFAR10_CLASSES,
     GEOMNIST_CLASSES,
+    GEOMNIST_VARIANTS,
     DataFormatError,
     GeoMNIST,
     UnsafePickleError,
     apply_label_noise,
+    geomnist_train_val,
     load_cifar10,
     make_geomnist,
 )
@@ -74,6 +76,7 @@ __all__ = [
     "RegressionEstimator", "smooth_derivative", "tail_index", "goodness_of_fit", "GoodnessOfFit", "PhaseSpec", "run_sweep", "load_sweep",
     "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
     "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",
+    "GEOMNIST_VARIANTS", "geomnist_train_val",
     "FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "build_net", "NETS",
     "empirical_ntk", "measure_impacts", "ImpactMeasurement", "relative_similarity",
     "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",

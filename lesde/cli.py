@@ -726,6 +726,9 @@ def _add_train(sub):
     d.add_argument("--test-per-class", type=int, default=None,
                    help="test images per class (default: all; GeoMNIST: 500)")
     d.add_argument("--p-err", type=float, default=0.0, help="GeoMNIST label-noise level")
+    d.add_argument("--geomnist-variant", choices=("zhang2021", "analytic"), default="zhang2021",
+                   help="GeoMNIST generator: the authors' (default; train and test are a random "
+                   "split of one sweep, label noise on train only) or the earlier analytic one")
     d.add_argument("--data-seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--net", default="resnet18", choices=("resnet18", "resnet20", "lenet", "mlp"))
@@ -779,8 +782,14 @@ def _run_train(args):
         in_channels = 3
     else:
         names = list(_data.GEOMNIST_CLASSES)
-        g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err)
-        g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1)
+        if args.geomnist_variant == "zhang2021":
+            g_tr, g_te = _data.geomnist_train_val(args.per_class, args.test_per_class or 500,
+                                                  seed=args.data_seed, p_err=args.p_err)
+        else:
+            g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err,
+                                       variant="analytic")
+            g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1,
+                                       variant="analytic")
         train = (torch.from_numpy(g_tr.images), torch.from_numpy(g_tr.labels))
         test = (torch.from_numpy(g_te.images), torch.from_numpy(g_te.clean_labels))
         in_channels = 1
