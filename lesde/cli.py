@@ -828,6 +828,89 @@ def _run_train(args):
 
 
 # --------------------------------------------------------------------------------------------
+# subcommands (published protocols: several tracked trials each)
+# --------------------------------------------------------------------------------------------
+@_subcommand
+def _add_reproduce(sub):
+    p = sub.add_parser(
+        "reproduce",
+        help="run a published training protocol (several tracked trials per setting)",
+        description="Run or resume the trials of a named protocol (lesde.protocols): e.g. "
+        "zhang2021-geomnist (LeNet float64, SGD batch 1, lr 0.005, 10,000 iterations, p_err 0, "
+        "0.3, 2/3) or zhang2021-cifar10 (three classes, lr 0.001, 30,000 iterations). Every "
+        "trial is a resumable trajectory store OUT/<setting>/trial_<i>; running the same "
+        "command again continues the unfinished trials. --list shows the protocols.",
+    )
+    p.add_argument("protocol", nargs="?", help="protocol name (see --list)")
+    p.add_argument("out", nargs="?", help="run directory (created, or resumed)")
+    p.add_argument("--list", action="store_true", help="list the protocols and exit")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials per setting (default: the protocol's); trial i has seed i")
+    p.add_argument("--p-err", type=float, nargs="+", default=None,
+                   help="settings to run (GeoMNIST label noise; default: the protocol's)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once (processes)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a Dask scheduler to run the trials on instead")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 location (default: $LESDE_CIFAR10)")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="afterwards write the small outputs (per-setting summaries, tables, "
+                   "figure) to DIR")
+    p.add_argument("--summary-only", action="store_true",
+                   help="write the summary of the finished trials without training")
+    p.add_argument("--nc", action="store_true",
+                   help="summary: NC1-NC4 of the tracked features over training (needs the "
+                   "recorded read-out, e.g. cifar10-resnet18-k10)")
+    o = p.add_argument_group("overrides (short checks; stored with the run)")
+    o.add_argument("--steps", type=int, default=None)
+    o.add_argument("--log-every", type=int, default=None)
+    o.add_argument("--train-per-class", type=int, default=None)
+    o.add_argument("--val-per-class", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args):
+    import os
+    import time
+
+    from . import protocols as pr
+
+    if args.list:
+        for name, proto in pr.PROTOCOLS.items():
+            print(f"{name}: {proto.description}; {proto.trials} trial(s) per setting by default "
+                  f"(publication: {proto.paper_trials or '-'})")
+        return 0
+    if not args.protocol or not args.out:
+        raise ValueError("give a protocol name and a run directory (or --list)")
+    overrides = {k: v for k, v in (("steps", args.steps), ("log_every", args.log_every),
+                                   ("train_per_class", args.train_per_class),
+                                   ("val_per_class", args.val_per_class)) if v is not None}
+    if not args.summary_only:
+        client = None
+        if args.scheduler:
+            from distributed import Client
+
+            client = Client(args.scheduler)
+        t0 = time.perf_counter()
+        recs = pr.run_protocol(args.protocol, args.out, trials=args.trials, p_errs=args.p_err,
+                               workers=args.workers, client=client, data_path=args.data_path,
+                               threads=args.threads, progress=not args.no_progress,
+                               **overrides)
+        wall = time.perf_counter() - t0
+        for r in recs:
+            f = r["final"]
+            print(f"{r['store']}: test_acc {f['test_acc']:.4f} test_loss {f['test_loss']:.4f} "
+                  f"({r['wall_seconds']:.0f} s)")
+        print(f"{len(recs)} trials; this session {wall:.0f} s")
+    if args.summary or args.summary_only:
+        dest = args.summary or os.path.join(args.out, "summary")
+        files = pr.write_protocol_summary(args.out, dest, nc=args.nc)
+        print(f"wrote {len(files)} files to {dest}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # subcommands (fitting the SDE to logged training)
 # --------------------------------------------------------------------------------------------
 @_subcommand
