@@ -56,8 +56,9 @@ finished ones. :func:`summarize_protocol` collects the small outputs.
 The third protocol, ``cifar10-resnet18-k10``, goes beyond the paper: ResNet-18 at a quarter of
 its width on all ten CIFAR-10 classes (2,000 training images per class), SGD with momentum 0.9,
 weight decay 5e-4 and batch 128, with 50 training and 50 test images per class tracked, the
-impacts measured every 160 steps on 10 images per class, and the read-out (W, b) recorded at
-every logged step so that NC3 and NC4 of the real features can be followed over training.
+impacts measured every 160 steps on 10 images per class, the read-out (W, b) recorded at
+every logged step so that NC3 and NC4 of the real features can be followed over training, and
+the model and optimizer kept every 480 steps for restarts of SGD from states during training.
 """
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ __all__ = [
     "run_protocol",
     "protocol_trials",
     "summarize_protocol",
+    "write_protocol_summary",
+    "load_protocol",
     "load_head_log",
+    "load_snapshot",
 ]
 
 _PROTOCOL_FILE = "protocol.json"
@@ -108,6 +112,9 @@ class Protocol:
         data_seed: seed of the data (images, split, label noise), the same for every trial.
         record_head: record the read-out layer ``(W, b)`` at every logged step
             (``<store>/head_log.npz``, see :func:`load_head_log`) for NC3 / NC4 over training.
+        snapshot_every: keep the model and optimizer state every this many steps
+            (``<store>/snapshots/step_<s>.pt``, see :func:`load_snapshot`; 0 = none), to
+            restart replicas of SGD from states during training.
     """
 
     name: str
@@ -123,6 +130,7 @@ class Protocol:
     paper_trials: int = 100
     data_seed: int = 0
     record_head: bool = False
+    snapshot_every: int = 0
 
     def __post_init__(self):
         if self.dataset not in ("geomnist", "cifar10"):
@@ -164,6 +172,10 @@ class Protocol:
         proto = {k: v for k, v in overrides.items() if k in proto_fields}
         if "p_errs" in proto:
             proto["p_errs"] = tuple(_canonical_p(p) for p in proto["p_errs"])
+        if "steps" in cfg and "epochs" not in cfg:      # a length replaces the other kind
+            cfg["epochs"] = 0.0
+        elif "epochs" in cfg and "steps" not in cfg:
+            cfg["steps"] = 0
         config = dataclasses.replace(self.config, **cfg) if cfg else self.config
         return dataclasses.replace(self, config=config, **proto)
 
@@ -276,7 +288,7 @@ def _cifar10_resnet18_k10() -> Protocol:
             dtype="float32", device="cpu", checkpoint_every=100, impacts_every=160,
             impacts_per_class=10, impacts_output="logits", class_names=CIFAR10_CLASSES),
         train_per_class=2000, val_per_class=None, classes=CIFAR10_CLASSES, trials=1,
-        paper_trials=0, record_head=True)
+        paper_trials=0, record_head=True, snapshot_every=480)
 
 
 PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in (
@@ -349,6 +361,56 @@ class _HeadLog:
             self.save()
 
 
+class _Snapshots:
+    """Keeps ``{"step", "model", "optimizer"}`` every ``every`` steps in ``<store>/snapshots``."""
+
+    def __init__(self, store: str, every: int):
+        self.dir = os.path.join(store, "snapshots")
+        self.every = int(every)
+
+    def __call__(self, step, model, optimizer):
+        if step % self.every:
+            return
+        import torch
+
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"step_{int(step):06d}.pt")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save({"step": int(step), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict()}, tmp)
+        os.replace(tmp, path)
+
+
+def load_snapshot(store, step: int, map_location: str = "cpu"):
+    """The network and optimizer of a protocol trial at a kept snapshot step.
+
+    Returns ``(model, optimizer, config)``: the model (train mode, the run's dtype) and a
+    fresh optimizer of the run's kind with the saved state (e.g. SGD momentum buffers) loaded.
+    The file is read with ``torch.load(weights_only=True)``: it holds tensors and plain data
+    only, and anything else is refused. Raises FileNotFoundError when no snapshot was kept
+    at ``step``.
+    """
+    import torch
+
+    from .tracking import _build_model, _make_optimizer, load_store
+
+    st = load_store(store)
+    path = os.path.join(os.fspath(store), "snapshots", f"step_{int(step):06d}.pt")
+    if not os.path.exists(path):
+        have = sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(
+            os.path.dirname(path)) else []
+        raise FileNotFoundError(f"{store}: no snapshot at step {step} (kept: "
+                                f"{', '.join(have) or 'none'})")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    config = st.config
+    model = _build_model(config, device=map_location)
+    model.load_state_dict(state["model"])
+    optimizer = _make_optimizer(config, model.parameters())
+    optimizer.load_state_dict(state["optimizer"])
+    model.train()
+    return model, optimizer, config
+
+
 def load_head_log(store) -> Dict[str, np.ndarray]:
     """``{"step": (T,), "W": (T, K, p), "b": (T, K)}`` recorded by a protocol with
     ``record_head``; raises FileNotFoundError when the run did not record it."""
@@ -386,13 +448,20 @@ def _run_trial(proto_dict: dict, p_err: float, trial: int, store: str,
         _DATA_CACHE[key] = proto.data(p_err, data_path)
     train, val = _DATA_CACHE[key]
     config = proto.trial_config(trial)
-    callback = None
+    calls = []
     head = None
     if proto.record_head:
         head = _HeadLog(store, config, config.total_steps(len(train[1])))
-        callback = head
+        calls.append(head)
+    if proto.snapshot_every > 0:
+        calls.append(_Snapshots(store, proto.snapshot_every))
+
+    def callback(step, model, optimizer):
+        for call in calls:
+            call(step, model, optimizer)
     t0 = time.perf_counter()
-    st = train_and_track(config, train, val, store, progress=progress, callback=callback)
+    st = train_and_track(config, train, val, store, progress=progress,
+                         callback=callback if calls else None)
     wall = time.perf_counter() - t0
     if head is not None and st.complete:
         head.save()
@@ -403,6 +472,9 @@ def _run_trial(proto_dict: dict, p_err: float, trial: int, store: str,
                                                     "test_acc")}}
 
 
+_FIELD_DEFAULTS = {"record_head": False, "snapshot_every": 0}
+
+
 def _check_directory(out: str, proto: Protocol) -> None:
     path = os.path.join(out, _PROTOCOL_FILE)
     want = proto.to_dict()
@@ -411,6 +483,10 @@ def _check_directory(out: str, proto: Protocol) -> None:
     if os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
+        for k, v in _FIELD_DEFAULTS.items():   # fields added after the run was started
+            have.setdefault(k, v)
+        same_config = TrainConfig.from_dict(have.get("config", {})) == proto.config
+        have["config"] = want["config"] if same_config else have.get("config")
         if have != want:
             diff = [k for k in want if have.get(k) != want[k]]
             raise ValueError(f"{out} holds a run of another protocol (differs in "
