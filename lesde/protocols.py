@@ -30,13 +30,16 @@ Class means are averages over the 100 trials of the samples drawn at each iterat
 
 What is logged here [package choice], per trial, with :func:`lesde.tracking.train_and_track`:
 a fixed tracked set of 100 training and 100 validation images per class (chosen by the trial's
-seed), their penultimate features and logits every ``log_every`` iterations (20 for GeoMNIST,
-100 for CIFAR-10: a forward pass of the validation set in float64 costs about 0.2 ms (GeoMNIST)
-to 0.5 ms (CIFAR-10) per image on one CPU thread, so the authors' every-iteration evaluation
-would multiply the training time by about 300); the loss and accuracy of the tracked training
-images (noisy labels) and of the whole validation set (clean labels) at the same times; the
-impact matrix measured on the network (:func:`lesde.elasticity.measure_impacts`, 30 tracked
-images per class). A tracked set gives each trial its own class-mean trajectory, rather than a
+seed), their penultimate features and logits every ``log_every`` iterations (50 for GeoMNIST,
+100 for CIFAR-10); the loss and accuracy of the tracked training images (noisy labels) and of
+600 of the 1,500 validation images (the 300 tracked and 300 more, fixed per trial; clean
+labels) at the same times; the impact matrix measured on the network
+(:func:`lesde.elasticity.measure_impacts`, 30 tracked images per class). Why not the authors'
+every-iteration evaluation of the whole validation set: a float64 LeNet forward pass costs
+about 0.2 ms (GeoMNIST) to 0.5 ms (CIFAR-10) per image on one CPU thread, against about
+0.75 ms for a whole SGD step, so evaluating 1,500 images every iteration would make a trial
+about 400 times longer; at the spacing and subset here the logging still takes about 80% of
+a trial. A tracked set gives each trial its own class-mean trajectory, rather than a
 mean over trials of one random draw per iteration. Other differences from the authors' code:
 the CIFAR-10 images are drawn without replacement (theirs draw each class's 2,000 with
 replacement, so about 18% are repeats); GeoMNIST's data are the same for every ``p_err``
@@ -62,6 +65,7 @@ the model and optimizer kept every 480 steps for restarts of SGD from states dur
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -84,6 +88,7 @@ __all__ = [
     "load_protocol",
     "load_head_log",
     "load_snapshot",
+    "protocol_state",
 ]
 
 _PROTOCOL_FILE = "protocol.json"
@@ -244,8 +249,8 @@ def _zhang2021_geomnist() -> Protocol:
         config=TrainConfig(
             net="lenet", num_classes=3, net_kwargs={"in_channels": 1}, optimizer="sgd",
             lr=0.005, momentum=0.0, weight_decay=0.0, batch_size=1, steps=10_000,
-            log_every=20, track_per_class=100, track_test_per_class=100, eval_train_size=0,
-            eval_test_size=-1, eval_batch_size=500, seed=0, dtype="float64", device="cpu",
+            log_every=50, track_per_class=100, track_test_per_class=100, eval_train_size=0,
+            eval_test_size=600, eval_batch_size=500, seed=0, dtype="float64", device="cpu",
             checkpoint_every=1000, impacts_every=500, impacts_per_class=30,
             impacts_output="logits", class_names=GEOMNIST_CLASSES, sampling="replacement"),
         train_per_class=500, val_per_class=500, p_errs=(0.0, 0.3, 2.0 / 3.0), trials=10)
@@ -264,7 +269,7 @@ def _zhang2021_cifar10() -> Protocol:
             net="lenet", num_classes=3, net_kwargs={"in_channels": 3}, optimizer="sgd",
             lr=0.001, momentum=0.0, weight_decay=0.0, batch_size=1, steps=30_000,
             log_every=100, track_per_class=100, track_test_per_class=100, eval_train_size=0,
-            eval_test_size=-1, eval_batch_size=500, seed=0, dtype="float64", device="cpu",
+            eval_test_size=600, eval_batch_size=500, seed=0, dtype="float64", device="cpu",
             checkpoint_every=2000, impacts_every=1000, impacts_per_class=30,
             impacts_output="logits", class_names=classes, sampling="replacement"),
         train_per_class=2000, val_per_class=500, classes=classes, trials=5)
@@ -738,3 +743,219 @@ def _nc_over_training(sts, stores, T) -> dict:
         for k, v in zip(out, vals):
             out[k].append(np.asarray(v, dtype=np.float64))
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def _mean_sd(x: np.ndarray, axis: int = 0):
+    x = np.asarray(x, dtype=np.float64)
+    n = np.sum(np.isfinite(x), axis=axis)
+    with np.errstate(invalid="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(x, axis=axis)
+            sd = np.nanstd(x, axis=axis, ddof=1) if np.max(n) > 1 else np.full_like(mean, np.nan)
+    return mean, sd
+
+
+def _fmt(mean, sd, digits=3):
+    if not np.isfinite(mean):
+        return "-"
+    if not np.isfinite(sd):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} +- {sd:.{digits}f}"
+
+
+def write_protocol_summary(out: str, dest: str, *, nc: bool = False,
+                           figure: bool = True) -> list:
+    """Write the small outputs of a protocol run to ``dest``; returns the files written.
+
+    - ``protocol.json``: the protocol and TrainConfig the trials ran with;
+    - ``<setting>_summary.npz``: everything :func:`summarize_protocol` returns for the setting
+      (per-trial metrics, class-mean logits, within-class spread, measured impacts, the
+      I-estimator's A, B per trial and pooled; NC1-NC4 with ``nc``);
+    - ``<setting>_metrics.csv``: mean and standard deviation over the trials of the train /
+      validation loss and accuracy at every logged step;
+    - ``trials.csv``: one row per trial: final metrics, A(T), B(T) (first look, I-estimator),
+      wall time;
+    - ``summary.md``: per setting, the final validation accuracy and loss (mean +- sd over
+      trials, range, chance level), A(T) and B(T) per trial (mean +- sd) and pooled over trials,
+      the measured alpha_hat / beta_hat at the end, and the wall time per trial;
+    - ``summary.png`` (with ``figure``): :func:`lesde.figures.plot_protocol_summary`.
+    """
+    import csv
+
+    summ = summarize_protocol(out, nc=nc)
+    if not summ:
+        raise ValueError(f"{out}: no finished trial to summarise")
+    proto = load_protocol(out)
+    os.makedirs(dest, exist_ok=True)
+    files = []
+    path = os.path.join(dest, "protocol.json")
+    d = proto.to_dict()
+    d.pop("trials", None)
+    d["p_errs"] = None
+    with open(path, "w") as f:
+        json.dump(d, f, indent=1, sort_keys=True)
+        f.write("\n")
+    files.append(path)
+    metric_names = ("train_loss", "train_acc", "test_loss", "test_acc")
+    rows = []
+    for setting, rec in summ.items():
+        path = os.path.join(dest, f"{setting}_summary.npz")
+        np.savez_compressed(path, **{k: (v.astype(np.float32) if isinstance(v, np.ndarray)
+                                         and v.dtype == np.float64 and v.ndim >= 2 else v)
+                                     for k, v in rec.items()})
+        files.append(path)
+        path = os.path.join(dest, f"{setting}_metrics.csv")
+        stats = {m: _mean_sd(rec[m]) for m in metric_names}
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "time", "trials"] + [f"{m}_{s}" for m in metric_names
+                                                       for s in ("mean", "sd")])
+            for j in range(len(rec["step"])):
+                w.writerow([int(rec["step"][j]), f"{rec['time'][j]:.6g}", len(rec["trials"])]
+                           + [f"{stats[m][i][j]:.6g}" for m in metric_names for i in (0, 1)])
+        files.append(path)
+        for i, trial in enumerate(rec["trials"]):
+            row = {"setting": setting, "trial": int(trial)}
+            row.update({m: float(rec[m][i, -1]) for m in metric_names})
+            row.update(A_T=float(rec["A"][i, -1]), B_T=float(rec["B"][i, -1]),
+                       wall_seconds=float(rec["wall_seconds"][i]))
+            if "alpha_hat" in rec:
+                row.update(alpha_hat_T=float(rec["alpha_hat"][i, -1]),
+                           beta_hat_T=float(rec["beta_hat"][i, -1]))
+            rows.append(row)
+    path = os.path.join(dest, "trials.csv")
+    with open(path, "w", newline="") as f:
+        keys = list(rows[0])
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    files.append(path)
+
+    K = proto.config.num_classes
+    lines = [f"# {proto.name}: summary of the trials", "",
+             f"{proto.description}. {proto.reference}.", "",
+             f"Validation = {proto.val_per_class or 'all'} held-out images per class with clean "
+             f"labels; chance: accuracy {1 / K:.3f}, loss log {K} = {np.log(K):.3f}. Values are "
+             "mean +- standard deviation over the trials, [min, max] in brackets, at the last "
+             f"logged step. A(T), B(T): a first look with the existing I-estimator "
+             "(`lesde.fit.IEstimator`, tracked training logits), per trial and on the class "
+             "means pooled over the trials (as the authors pool theirs); not the trajectory-"
+             "matching fit.", "",
+             "| setting | trials | steps | validation accuracy | validation loss | train accuracy "
+             "(tracked, noisy labels) | A(T) per trial | B(T) per trial | A(T), B(T) pooled | "
+             "measured alpha_hat / beta_hat at the end | wall time per trial |",
+             "|---|---:|---:|---|---|---|---|---|---|---|---|"]
+    for setting, rec in summ.items():
+        acc, loss = rec["test_acc"][:, -1], rec["test_loss"][:, -1]
+        tr = rec["train_acc"][:, -1]
+        A, B = rec["A"][:, -1], rec["B"][:, -1]
+        ratio = "-"
+        if "alpha_hat" in rec:
+            r = rec["alpha_hat"][:, -1] / rec["beta_hat"][:, -1]
+            ratio = _fmt(*[float(v) for v in _mean_sd(r)], digits=2)
+        wall = rec["wall_seconds"]
+        lines.append(
+            f"| {setting} | {len(acc)} | {int(rec['step'][-1])} | "
+            f"{_fmt(*_mean_sd(acc))} [{np.min(acc):.3f}, {np.max(acc):.3f}] | "
+            f"{_fmt(*_mean_sd(loss))} [{np.min(loss):.3f}, {np.max(loss):.3f}] | "
+            f"{_fmt(*_mean_sd(tr))} | {_fmt(*_mean_sd(A), digits=2)} | "
+            f"{_fmt(*_mean_sd(B), digits=2)} | {rec['A_pooled'][-1]:.2f}, "
+            f"{rec['B_pooled'][-1]:.2f} | {ratio} | "
+            f"{np.nanmean(wall) / 60:.1f} min |")
+    path = os.path.join(dest, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    files.append(path)
+    if figure:
+        from .figures import plot_protocol_summary
+
+        files.append(plot_protocol_summary(summ, os.path.join(dest, "summary.png"),
+                                           title=proto.name, lr=proto.config.lr))
+    return files
+
+
+def _setting_p_err(setting: str) -> float:
+    if not (len(setting) == 4 and setting[0] == "p" and setting[1:].isdigit()):
+        raise ValueError(f"setting names look like 'p000', 'p030', 'p067'; got {setting!r}")
+    return _canonical_p(int(setting[1:]) / 100.0)
+
+
+def protocol_state(out: str, setting: str, trial: int, step: int, *,
+                   data_path: Optional[str] = None, scratch: Optional[str] = None):
+    """The network and optimizer of a protocol trial at optimizer step ``step``, with its data.
+
+    From a kept snapshot when there is one (:func:`load_snapshot`); otherwise the trial is run
+    again from its start to ``step`` (the same config, seed and data: the same trajectory; only
+    the logging is thinned, which draws no random numbers) in a temporary store, and checked
+    against the original log: when ``step`` is a logged step, the re-run's tracked logits must
+    equal the logged ones (``max_logit_diff`` in the returned info, an error above 1e-6 of
+    their scale).
+
+    Returns ``(model, optimizer, (train, val), info)``; ``info`` has ``source`` ("snapshot" or
+    "rerun"), ``max_logit_diff`` and the trial's ``config``.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .tracking import load_store, train_and_track
+
+    proto = load_protocol(out)
+    p_err = _setting_p_err(setting)
+    store = _trial_dir(out, proto, p_err, trial)
+    st = load_store(store)
+    config = st.config
+    train, val = proto.data(p_err, data_path)
+    info = {"config": config, "max_logit_diff": float("nan")}
+    snap = os.path.join(store, "snapshots", f"step_{int(step):06d}.pt")
+    if os.path.exists(snap):
+        model, opt, _ = load_snapshot(store, step)
+        info["source"] = "snapshot"
+    else:
+        thin = dataclasses.replace(config, log_every=max(1, int(step)), impacts_every=0,
+                                   checkpoint_every=0)
+        grabbed = {}
+
+        def grab(s, model, optimizer):
+            if s == step:
+                grabbed["model"] = copy.deepcopy(model.state_dict())
+                grabbed["opt"] = copy.deepcopy(optimizer.state_dict())
+
+        tmp = tempfile.mkdtemp(prefix="lesde-state-", dir=scratch)
+        try:
+            train_and_track(thin, train, val, os.path.join(tmp, "store"), progress=False,
+                            callback=grab, until_step=int(step))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if "model" not in grabbed:
+            raise ValueError(f"step {step} is beyond the trial's {config.total_steps(len(train[1]))}"
+                             " steps")
+        from .tracking import _build_model, _make_optimizer
+
+        model = _build_model(config, device="cpu")
+        model.load_state_dict(grabbed["model"])
+        opt = _make_optimizer(config, model.parameters())
+        opt.load_state_dict(grabbed["opt"])
+        info["source"] = "rerun"
+    logged = np.flatnonzero(st.step == int(step))
+    if len(logged):
+        sel = st.split == 0
+        x = train[0][torch.as_tensor(st.index[sel])].to(config.torch_dtype)
+        model.eval()
+        with torch.no_grad():
+            z = model(x).double().numpy()
+        model.train()
+        want = st["logits"][int(logged[0])][sel]
+        diff = float(np.max(np.abs(z - want)))
+        info["max_logit_diff"] = diff
+        if diff > 1e-6 * max(1.0, float(np.max(np.abs(want)))):
+            raise ValueError(f"{store}: the state rebuilt at step {step} does not reproduce the "
+                             f"logged logits (max difference {diff:.3g})")
+    return model, opt, (train, val), info
