@@ -58,10 +58,13 @@ finished ones. :func:`summarize_protocol` collects the small outputs.
 
 The third protocol, ``cifar10-resnet18-k10``, goes beyond the paper: ResNet-18 at a quarter of
 its width on all ten CIFAR-10 classes (2,000 training images per class), SGD with momentum 0.9,
-weight decay 5e-4 and batch 128, with 50 training and 50 test images per class tracked, the
-impacts measured every 160 steps on 10 images per class, the read-out (W, b) recorded at
-every logged step so that NC3 and NC4 of the real features can be followed over training, and
-the model and optimizer kept every 480 steps for restarts of SGD from states during training.
+weight decay 5e-4 and batch 128 for 10 epochs (1,560 steps), with 50 training and 50 test
+images per class tracked every 30 steps (their loss and accuracy are the logged metrics), the
+impacts measured every 312 steps (two epochs) on 10 images per class, the read-out (W, b)
+recorded at every logged step so that NC3 and NC4 of the real features can be followed over
+training, and the model and optimizer kept every 390 steps for restarts of SGD from states
+during training. Sized for a shared 2-core CPU (about 0.8 s per step of 128 images on one
+thread when idle).
 """
 from __future__ import annotations
 
@@ -281,19 +284,19 @@ def _cifar10_resnet18_k10() -> Protocol:
     return Protocol(
         name="cifar10-resnet18-k10",
         description="CIFAR-10, all ten classes, ResNet-18 at width 1/4, SGD momentum 0.9, "
-                    "weight decay 5e-4, batch 128, lr 0.02, 15 epochs",
+                    "weight decay 5e-4, batch 128, lr 0.02, 10 epochs",
         reference="beyond Zhang, Wang & Su (2021): their K = 3 LeNet study at K = 10 on a "
                   "modern network",
         dataset="cifar10",
         config=TrainConfig(
             net="resnet18", num_classes=10, net_kwargs={"width": 0.25, "in_channels": 3},
             optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=5e-4, batch_size=128,
-            epochs=15.0, log_every=20, track_per_class=50, track_test_per_class=50,
-            eval_train_size=1000, eval_test_size=1000, eval_batch_size=250, seed=0,
-            dtype="float32", device="cpu", checkpoint_every=100, impacts_every=160,
+            epochs=10.0, log_every=30, track_per_class=50, track_test_per_class=50,
+            eval_train_size=0, eval_test_size=0, eval_batch_size=250, seed=0,
+            dtype="float32", device="cpu", checkpoint_every=90, impacts_every=312,
             impacts_per_class=10, impacts_output="logits", class_names=CIFAR10_CLASSES),
         train_per_class=2000, val_per_class=None, classes=CIFAR10_CLASSES, trials=1,
-        paper_trials=0, record_head=True, snapshot_every=480)
+        paper_trials=0, record_head=True, snapshot_every=390)
 
 
 PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in (
@@ -709,15 +712,23 @@ def summarize_protocol(out: str, *, complete_only: bool = True, nc: bool = False
             rec["beta_hat"] = np.stack([i["beta"][:Ti] for i in imps])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            nan = np.full(T, np.nan)
             A, B = [], []
             for st in sts:
-                est = IEstimator(on_empty="nan").fit(as_trajectory(st))
-                A.append(est.A_[:T])
-                B.append(est.B_[:T])
+                try:
+                    est = IEstimator(on_empty="nan").fit(as_trajectory(st))
+                    A.append(est.A_[:T])
+                    B.append(est.B_[:T])
+                except ValueError:      # too few logged times for the derivative
+                    A.append(nan)
+                    B.append(nan)
             rec["A"], rec["B"] = np.stack(A), np.stack(B)
             means = rec["class_mean_logits_train"].astype(np.float64).mean(axis=0)  # (T, K, K)
-            pooled = IEstimator(on_empty="nan").fit((rec["time"], means, np.arange(K)))
-            rec["A_pooled"], rec["B_pooled"] = pooled.A_, pooled.B_
+            try:
+                pooled = IEstimator(on_empty="nan").fit((rec["time"], means, np.arange(K)))
+                rec["A_pooled"], rec["B_pooled"] = pooled.A_, pooled.B_
+            except ValueError:
+                rec["A_pooled"], rec["B_pooled"] = nan, nan
         if nc:
             rec.update(_nc_over_training(sts, stores, T))
         result[setting] = rec
