@@ -915,6 +915,7 @@ _RECONCILE_VARIANTS = {
     "no-momentum": {"momentum": False},
     "bn-eval": {"batchnorm_train": False},
     "no-momentum-bn-eval": {"momentum": False, "batchnorm_train": False},
+    "lr/10": {"lr_scale": 0.1},
 }
 
 
@@ -1007,13 +1008,15 @@ def _run_reconcile(args):
                    "decomposition": dec}, f, indent=1)
     lines = [f"state: {args.run} {args.setting} trial {args.trial} step {args.step} "
              f"({info['source']}); alpha_hat {res.alpha_hat:.4g}, beta_hat {res.beta_hat:.4g}",
-             "", "| variant | steps | quantity | measured | kernel@0 | kernel flow | class-pair "
-             "flow | SGD [95%] | total gap [95%] | form | time scale | rest [95%] |",
-             "|---|---:|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
+             "", "| variant | steps | quantity | measured | first-order drift (probe / whole "
+             "set) | kernel flow | class-pair flow | SGD [95%] | total gap [95%] | form | time "
+             "scale | rest [95%] |",
+             "|---|---:|---|---:|---|---:|---:|---|---|---:|---:|---|"]
     for d in dec:
         lines.append(
             f"| {d['variant']} | {d['steps']} | {d['quantity']} | {d['measured']:.4g} | "
-            f"{d['kernel@0']:.4g} | {d['kernel_flow']:.4g} | {d['class_pair_flow']:.4g} | "
+            f"{d['kernel@0']:.4g} / {d['full_set@0']:.4g} | {d['kernel_flow']:.4g} | "
+            f"{d['class_pair_flow']:.4g} | "
             f"{d['sgd']:.4g} [{d['sgd_lo']:.3g}, {d['sgd_hi']:.3g}] | {d['total']:.3g} "
             f"[{d['total_band'][0]:.3g}, {d['total_band'][1]:.3g}] | {d['form']:.3g} | "
             f"{d['time_scale']:.3g} | {d['rest']:.3g} [{d['rest_band'][0]:.3g}, "

@@ -20,9 +20,10 @@ lr-scaled time t = step x lr:
    noise) -- the model the fits use;
 5. **real SGD** (:func:`sgd_interval`): replicas of the SGD step sequence from the state (the
    same model and optimizer state, other sample draws); the mean movement of the probe logits
-   after n steps. Variants switch off momentum (a fresh optimizer without momentum buffer) or
-   run BatchNorm in evaluation mode during the steps, so that their parts of the movement can
-   be told apart.
+   after n steps. Variants switch off momentum (a fresh optimizer without momentum buffer), run
+   BatchNorm in evaluation mode during the steps, or shrink the learning rate (the small-step
+   limit, where SGD's mean step is the first-order drift), so that their parts of the movement
+   can be told apart.
 
 Every velocity V (the mean class-mean displacement over [0, n h] divided by n h, a (K, q)
 array) is summarised by the intra/inter impacts that a left-rule regression of the logged
@@ -30,13 +31,17 @@ increments would return for it (:func:`intra_inter_fit`): least squares of
 ``V_k = alpha w_k Gbar_k(0) + beta sum_{k' != k} w_k' Gbar_k'(0)``, with the relative residual
 that the class-pair form leaves. The decomposition of the gap at interval n h::
 
-    alpha_hat / alpha_SGD(n)  =  [alpha_hat / alpha_K(0)]          weighting and class-pair form
+    alpha_hat / alpha_SGD(n)  =  [alpha_hat / alpha_D(0)]          weighting and class-pair form
                                x [alpha_K(0) / alpha_K(n)]          time scale (G relaxes)
-                               x [alpha_K(n) / alpha_SGD(n)]        the kernel moves, noise,
-                                                                    momentum, BatchNorm
+                               x [alpha_D(0) alpha_K(n) /           the kernel moves, finite
+                                  (alpha_K(0) alpha_SGD(n))]        steps, noise, momentum,
+                                                                    BatchNorm
 
-where alpha_K(0), alpha_K(n) are the fits of the kernel flow's velocity at 0 and over the
-interval. Bands: percentile intervals over the SGD replicas (bootstrap).
+where alpha_D(0) is the fit of the network's first-order drift with the whole training set's
+gradient and alpha_K(0), alpha_K(n) those of the kernel flow's velocity at 0 and over the
+interval (on the probe set). The same for the contrast alpha - beta, which a class-pair fit
+determines far better than alpha alone. Bands: percentile intervals over the SGD replicas
+(bootstrap).
 """
 from __future__ import annotations
 
@@ -212,8 +217,8 @@ def _logits(model, x, batch: int = 500) -> np.ndarray:
 
 def sgd_interval(model, optimizer, x_train, y_train, x_probe, steps: Sequence[int], *,
                  replicas: int = 50, batch_size: int = 1, replacement: bool = True,
-                 momentum: bool = True, batchnorm_train: bool = True, seed: int = 0,
-                 progress: bool = False) -> np.ndarray:
+                 momentum: bool = True, batchnorm_train: bool = True, lr_scale: float = 1.0,
+                 seed: int = 0, progress: bool = False) -> np.ndarray:
     """Probe logits after n SGD steps from the same state, for independent sample draws.
 
     Each replica starts from a copy of ``model`` and ``optimizer`` (so SGD momentum buffers
@@ -228,6 +233,9 @@ def sgd_interval(model, optimizer, x_train, y_train, x_probe, steps: Sequence[in
         batchnorm_train: False keeps the network in evaluation mode during the steps
             (BatchNorm then uses and keeps its running statistics: the per-example network that
             the measurement and the NTK describe).
+        lr_scale: multiply the learning rate by this factor (e.g. 0.1: the small-step limit,
+            in which SGD's mean step is the first-order drift; the lr-scaled time of n steps is
+            then ``n * lr * lr_scale``).
 
     Returns ``(replicas, len(steps), M, q)`` float64 logits.
     """
@@ -252,8 +260,10 @@ def sgd_interval(model, optimizer, x_train, y_train, x_probe, steps: Sequence[in
             if momentum:
                 opt = optimizer
                 opt.load_state_dict(opt0)
+                for g in opt.param_groups:
+                    g["lr"] = g["lr"] * lr_scale
             else:
-                opt = torch.optim.SGD(model.parameters(), lr=group["lr"],
+                opt = torch.optim.SGD(model.parameters(), lr=group["lr"] * lr_scale,
                                       weight_decay=group.get("weight_decay", 0.0))
             model.train(batchnorm_train)
             done = 0
@@ -328,18 +338,59 @@ class IntervalComparison:
     sgd_bands: Dict[str, dict] = field(default_factory=dict)
     cosine: Dict[str, np.ndarray] = field(default_factory=dict)
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], *, lr: float, alpha_hat: float, beta_hat: float,
+                  E_hat) -> "IntervalComparison":
+        """Rebuild a comparison from its :meth:`rows` (e.g. read back from the CSV that
+        ``lesde reconcile`` writes), enough for :meth:`decomposition`."""
+        def num(r, k):
+            return float(r[k]) if r.get(k) not in (None, "") else float("nan")
+
+        names = list(dict.fromkeys(r["velocity"] for r in rows))
+        steps = sorted({int(r["steps"]) for r in rows if not r["velocity"].endswith("@0")})
+        res = cls(steps=np.asarray(steps), lr=float(lr), alpha_hat=float(alpha_hat),
+                  beta_hat=float(beta_hat), E_hat=np.asarray(E_hat, dtype=float))
+        for name in names:
+            rs = sorted((r for r in rows if r["velocity"] == name), key=lambda r: int(r["steps"]))
+            res.fits[name] = {k: np.array([num(r, k) for r in rs]) for k in
+                              ("alpha", "beta", "contrast", "residual")}
+            res.fits[name]["condition"] = num(rs[0], "condition")
+            res.velocity_norm[name] = np.array([num(r, "velocity_norm") for r in rs])
+            if rs[0].get("alpha_lo") not in (None, ""):
+                res.sgd_bands[name] = {
+                    "alpha": np.array([[num(r, "alpha_lo") for r in rs],
+                                       [num(r, "alpha_hi") for r in rs]]),
+                    "contrast": np.array([[num(r, "contrast_lo") for r in rs],
+                                          [num(r, "contrast_hi") for r in rs]]),
+                    "velocity_norm": np.array([[num(r, "norm_lo") for r in rs],
+                                               [num(r, "norm_hi") for r in rs]])}
+            if rs[0].get("cos_to_sgd") not in (None, ""):
+                res.cosine[name] = np.array([num(r, "cos_to_sgd") for r in rs])
+        return res
+
     def decomposition(self, steps: int, variant: Optional[str] = None,
                       quantity: str = "contrast") -> dict:
         """The gap between the measured impact and what a fit to SGD's increments over
         ``steps`` steps sees, as a product of three factors (module docstring).
 
         ``quantity``: "contrast" (alpha - beta, well determined) or "alpha". Returns the
-        values (``measured``, ``kernel@0``, ``kernel_flow``, ``class_pair@0``,
-        ``class_pair_flow``, ``sgd`` with ``sgd_lo``, ``sgd_hi``) and the factors ``total`` =
-        measured / sgd, ``form`` = measured / kernel@0, ``time_scale`` = kernel@0 /
-        kernel_flow, ``rest`` = kernel_flow / sgd (``total_band``, ``rest_band`` from the SGD
-        band), ``model_time_scale`` = class_pair@0 / class_pair_flow, and the same ratios of
-        the velocity norms (``norm_*``), which need no class-pair fit.
+        values (``measured``, ``kernel@0``, ``full_set@0`` when computed, ``kernel_flow``,
+        ``class_pair@0``, ``class_pair_flow``, ``sgd`` with ``sgd_lo``, ``sgd_hi``) and the
+        factors ``total`` = measured / sgd = form x time_scale x rest, with
+
+        - ``form`` = measured / first-order drift at 0 (the |G|^2-weighted pair average of
+          the measurement against the least-squares class-pair fit of the network's drift),
+        - ``time_scale`` = kernel@0 / kernel_flow (the drift's relaxation over the interval
+          with the kernel frozen),
+        - ``rest`` = first-order drift at 0 / time_scale / sgd (what the frozen-kernel,
+          first-order picture leaves: the kernel moving, finite steps, noise, momentum,
+          BatchNorm),
+
+        where the first-order drift at 0 is ``full_set@0`` (the whole training set's gradient)
+        when available, else ``kernel@0``; ``subset`` = kernel@0 / full_set@0 says how well the
+        probe samples stand for the training set. ``total_band``, ``rest_band`` come from the
+        SGD band; ``model_time_scale`` = class_pair@0 / class_pair_flow; ``norm_*`` are the
+        same ratios of velocity norms, which need no class-pair fit.
         """
         if quantity not in ("contrast", "alpha"):
             raise ValueError(f"quantity must be 'contrast' or 'alpha', got {quantity!r}")
@@ -362,16 +413,22 @@ class IntervalComparison:
                "quantity": quantity, "measured": float(measured)}
         for name in ("kernel@0", "kernel_flow", "class_pair@0", "class_pair_flow"):
             out[name] = val(name)
+        has_full = "full_set@0" in self.fits
+        out["full_set@0"] = val("full_set@0") if has_full else float("nan")
+        first = out["full_set@0"] if has_full else out["kernel@0"]
         out.update(sgd=val(variant), sgd_lo=float(band[0]), sgd_hi=float(band[1]))
+        nan2 = [float("nan"), float("nan")]
         with np.errstate(divide="ignore", invalid="ignore"):
             out["total"] = measured / out["sgd"]
             out["total_band"] = sorted([measured / band[0], measured / band[1]]) \
-                if band[0] > 0 else [float("nan"), float("nan")]
-            out["form"] = measured / out["kernel@0"]
+                if band[0] > 0 else nan2
+            out["form"] = measured / first
+            out["subset"] = out["kernel@0"] / out["full_set@0"]
             out["time_scale"] = out["kernel@0"] / out["kernel_flow"]
-            out["rest"] = out["kernel_flow"] / out["sgd"]
-            out["rest_band"] = sorted([out["kernel_flow"] / band[0], out["kernel_flow"] / band[1]]) \
-                if band[0] > 0 else [float("nan"), float("nan")]
+            expected = first / out["time_scale"]
+            out["rest"] = expected / out["sgd"]
+            out["rest_band"] = sorted([expected / band[0], expected / band[1]]) \
+                if band[0] > 0 else nan2
             out["model_time_scale"] = out["class_pair@0"] / out["class_pair_flow"]
             nb = self.sgd_bands[variant]["velocity_norm"][:, i]
             out["norm_time_scale"] = norm("kernel@0") / norm("kernel_flow")
@@ -478,7 +535,9 @@ def compare_interval(model, optimizer, x_train, y_train, x_probe, y_probe,
         z = sgd_interval(model, optimizer, x_train, y_train, x_probe, steps, replicas=replicas,
                          batch_size=batch_size, replacement=replacement, seed=seed + 7 * vi,
                          progress=progress, **kw)
-        vel = class_mean_velocity(z, z0[None, None], y_np, k, 1.0) / times[None, :, None, None]
+        scale = float(kw.get("lr_scale", 1.0))
+        vel = (class_mean_velocity(z, z0[None, None], y_np, k, 1.0)
+               / (scale * times)[None, :, None, None])
         put(name, vel.mean(0))
         if first is None:
             first = vel.mean(0)

@@ -119,6 +119,11 @@ def test_sgd_variants_momentum_off_and_batchnorm_eval():
     np.testing.assert_array_equal(a, b)
     c = sgd_interval(net, mom, x, y, x, [3], replicas=3, seed=1)
     assert not np.allclose(a, c)                           # the buffer matters
+    small = torch.optim.SGD(net.parameters(), lr=0.01)
+    d = sgd_interval(net, plain, x, y, x, [3], replicas=3, seed=1, lr_scale=0.1)
+    e = sgd_interval(net, small, x, y, x, [3], replicas=3, seed=1)
+    np.testing.assert_allclose(d, e, rtol=1e-12)
+    assert plain.param_groups[0]["lr"] == 0.1              # the optimizer is left as it was
 
 
 def test_compare_interval_pieces_agree_where_they_must():
@@ -140,8 +145,15 @@ def test_compare_interval_pieces_agree_where_they_must():
     assert np.isfinite(res.alpha_hat) and res.E_hat.shape == (3, 3)
     d = res.decomposition(4, quantity="contrast")
     assert d["total"] == pytest.approx(d["form"] * d["time_scale"] * d["rest"], rel=1e-9)
+    assert d["subset"] == pytest.approx(d["kernel@0"] / d["full_set@0"])
     rows = res.rows()
     assert {r["velocity"] for r in rows} == {"kernel@0", "class_pair@0", "full_set@0",
                                              "kernel_flow", "class_pair_flow", "sgd"}
     with pytest.raises(ValueError, match="no interval"):
         res.decomposition(3)
+    # the rows (as the CSV holds them) give back the same decomposition
+    back = type(res).from_rows([{k: str(v) for k, v in r.items()} for r in rows], lr=res.lr,
+                               alpha_hat=res.alpha_hat, beta_hat=res.beta_hat, E_hat=res.E_hat)
+    d2 = back.decomposition(4, quantity="contrast")
+    for key in ("total", "form", "time_scale", "rest", "sgd_lo"):
+        assert d2[key] == pytest.approx(d[key], rel=1e-9)
