@@ -739,6 +739,8 @@ def _add_train(sub):
     r.add_argument("--momentum", type=float, default=0.9)
     r.add_argument("--weight-decay", type=float, default=5e-4)
     r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--sampling", choices=("reshuffle", "replacement"), default="reshuffle",
+                   help="samples per epoch by reshuffling, or drawn uniformly with replacement")
     length = r.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=0)
     length.add_argument("--epochs", type=float, default=0.0)
@@ -818,7 +820,7 @@ def _run_train(args):
             eval_test_size=args.eval_test, seed=args.seed, dtype=args.dtype,
             device=args.device, checkpoint_every=args.checkpoint_every,
             impacts_every=args.impacts_every, impacts_per_class=args.impacts_per_class,
-            class_names=tuple(str(n) for n in names),
+            class_names=tuple(str(n) for n in names), sampling=args.sampling,
         )
     store = train_and_track(config, train, test, args.store, progress=not args.no_progress)
     m = store.metrics()
