@@ -287,3 +287,20 @@ def test_paper_protocol_end_to_end(tmp_path):
     assert np.all(np.isfinite(reg.alpha_)) and np.all(np.isfinite(reg.beta_))
     files = write_protocol_summary(out, str(tmp_path / "summary"))
     assert any(f.endswith("summary.md") for f in files)
+
+
+def test_cli_reconcile_writes_the_decomposition(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    dest = str(tmp_path / "rec")
+    code = main(["reconcile", out, "--setting", "p000", "--trial", "0", "--step", "8",
+                 "--intervals", "1,2", "--replicas", "4", "--probe-per-class", "2",
+                 "--variants", "as-trained", "lr/10", "--no-progress", "--out", dest])
+    assert code == 0
+    base = os.path.join(dest, "geo_p000_trial0_step8")
+    meta = json.load(open(base + ".json"))
+    assert meta["state_source"] == "rerun" and meta["max_logit_diff"] == 0.0
+    assert len(meta["decomposition"]) == 2 * 2 * 2          # variants x intervals x quantities
+    rows = open(base + ".csv").read().splitlines()
+    assert rows[0].startswith("velocity,steps,t,alpha,beta,contrast")
+    assert "| lr/10 | 2 | alpha |" in open(base + ".md").read()
+    assert main(["reconcile", out, "--step", "8", "--intervals", "0", "--out", dest]) == 2
