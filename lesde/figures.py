@@ -656,7 +656,7 @@ def plot_protocol_summary(summary: Dict[str, dict], path, title: Optional[str] =
     if axes[1, 1].has_data():
         vals = np.concatenate([np.ravel(r.get("alpha_hat", [])) for r in summary.values()])
         vals = vals[np.isfinite(vals) & (vals > 0)]
-        if vals.size and vals.max() / vals.min() > 30:
+        if vals.size and vals.max() / vals.min() > 10:
             axes[1, 1].set_yscale("log")
     if has_nc:
         axes[2, 0].set(xlabel="iteration", ylabel="NC1 (tracked train features)", yscale="log")
