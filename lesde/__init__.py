@@ -36,9 +36,11 @@ _EXPORTS = {
         "CIFAR10_CLASSES",
         "GEOMNIST_CLASSES",
         "DataFormatError",
+        "GEOMNIST_VARIANTS",
         "GeoMNIST",
         "UnsafePickleError",
         "apply_label_noise",
+        "geomnist_train_val",
         "load_cifar10",
         "make_geomnist",
     ),
@@ -81,7 +83,8 @@ _EXPORTS = {
 
 # submodules reachable as attributes (``lesde.metrics``, ``lesde.figures``, ...)
 _SUBMODULES = ("model", "solvers", "theory", "metrics", "data", "nets", "tracking", "fit",
-               "elasticity", "phase", "figures", "plotting", "storage", "resources", "cli")
+               "elasticity", "phase", "protocols", "reconcile", "figures", "plotting", "storage",
+               "resources", "cli")
 
 __all__ = [
     "LESDE", "Impacts", "Schedule", "Constant", "PowerLaw", "FunctionSchedule",
@@ -92,6 +95,7 @@ __all__ = [
     "RegressionEstimator", "smooth_derivative", "tail_index", "goodness_of_fit", "GoodnessOfFit", "PhaseSpec", "run_sweep", "load_sweep",
     "load_cifar10", "make_geomnist", "apply_label_noise", "GeoMNIST", "CIFAR10_CLASSES",
     "GEOMNIST_CLASSES", "DataFormatError", "UnsafePickleError",
+    "GEOMNIST_VARIANTS", "geomnist_train_val",
     "FeatureNet", "ResNet18", "ResNet20", "LeNet", "MLP", "build_net", "NETS",
     "empirical_ntk", "measure_impacts", "ImpactMeasurement", "relative_similarity",
     "kernelized_similarity", "kl_relative_similarity", "similarity_matrix", "kernel_kmeans",

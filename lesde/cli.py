@@ -1705,6 +1705,9 @@ def _add_train(sub):
     d.add_argument("--test-per-class", type=int, default=None,
                    help="test images per class (default: all; GeoMNIST: 500)")
     d.add_argument("--p-err", type=float, default=0.0, help="GeoMNIST label-noise level")
+    d.add_argument("--geomnist-variant", choices=("zhang2021", "analytic"), default="zhang2021",
+                   help="GeoMNIST generator: the authors' (default; train and test are a random "
+                   "split of one sweep, label noise on train only) or the earlier analytic one")
     d.add_argument("--data-seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--net", default="resnet18", choices=("resnet18", "resnet20", "lenet", "mlp"))
@@ -1715,6 +1718,8 @@ def _add_train(sub):
     r.add_argument("--momentum", type=float, default=0.9)
     r.add_argument("--weight-decay", type=float, default=5e-4)
     r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--sampling", choices=("reshuffle", "replacement"), default="reshuffle",
+                   help="samples per epoch by reshuffling, or drawn uniformly with replacement")
     length = r.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None)
     length.add_argument("--epochs", type=float, default=None)
@@ -1805,7 +1810,7 @@ def _run_train(args):
             eval_test_size=args.eval_test, seed=args.seed, dtype=args.dtype,
             device=args.device, checkpoint_every=args.checkpoint_every,
             impacts_every=args.impacts_every, impacts_per_class=args.impacts_per_class,
-            class_names=tuple(str(n) for n in names),
+            class_names=tuple(str(n) for n in names), sampling=args.sampling,
         )
     check_device(config.device, "--device")
     _build_model(config, device="cpu")  # the network's arguments, before loading data
@@ -1830,14 +1835,222 @@ def _run_train(args):
         test = _data.load_cifar10(path, "test", classes=labels, per_class=args.test_per_class,
                                   seed=args.data_seed, as_tensor=True)
     else:
-        g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err)
-        g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1)
+        if args.geomnist_variant == "zhang2021":
+            g_tr, g_te = _data.geomnist_train_val(args.per_class, args.test_per_class or 500,
+                                                  seed=args.data_seed, p_err=args.p_err)
+        else:
+            g_tr = _data.make_geomnist(args.per_class, seed=args.data_seed, p_err=args.p_err,
+                                       variant="analytic")
+            g_te = _data.make_geomnist(args.test_per_class or 500, seed=args.data_seed + 1,
+                                       variant="analytic")
         train = (torch.from_numpy(g_tr.images), torch.from_numpy(g_tr.labels))
         test = (torch.from_numpy(g_te.images), torch.from_numpy(g_te.clean_labels))
     store = train_and_track(config, train, test, args.store, progress=not args.no_progress)
     m = store.metrics()
     print(f"{store.path}: T={len(store)} logged times, step {int(m['step'][-1])}, "
           f"train_acc {m['train_acc'][-1]:.4f}, test_acc {m['test_acc'][-1]:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# subcommands (published protocols: several tracked trials each)
+# --------------------------------------------------------------------------------------------
+@_subcommand
+def _add_reproduce(sub):
+    p = sub.add_parser(
+        "reproduce",
+        help="run a published training protocol (several tracked trials per setting)",
+        description="Run or resume the trials of a named protocol (lesde.protocols): e.g. "
+        "zhang2021-geomnist (LeNet float64, SGD batch 1, lr 0.005, 10,000 iterations, p_err 0, "
+        "0.3, 2/3) or zhang2021-cifar10 (three classes, lr 0.001, 30,000 iterations). Every "
+        "trial is a resumable trajectory store OUT/<setting>/trial_<i>; running the same "
+        "command again continues the unfinished trials. --list shows the protocols.",
+    )
+    p.add_argument("protocol", nargs="?", help="protocol name (see --list)")
+    p.add_argument("out", nargs="?", help="run directory (created, or resumed)")
+    p.add_argument("--list", action="store_true", help="list the protocols and exit")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials per setting (default: the protocol's); trial i has seed i")
+    p.add_argument("--p-err", type=float, nargs="+", default=None,
+                   help="settings to run (GeoMNIST label noise; default: the protocol's)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once (processes)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a Dask scheduler to run the trials on instead")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 location (default: $LESDE_CIFAR10)")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="afterwards write the small outputs (per-setting summaries, tables, "
+                   "figure) to DIR")
+    p.add_argument("--summary-only", action="store_true",
+                   help="write the summary of the finished trials without training")
+    p.add_argument("--nc", action="store_true",
+                   help="summary: NC1-NC4 of the tracked features over training (needs the "
+                   "recorded read-out, e.g. cifar10-resnet18-k10)")
+    o = p.add_argument_group("overrides (short checks; stored with the run)")
+    o.add_argument("--steps", type=int, default=None)
+    o.add_argument("--log-every", type=int, default=None)
+    o.add_argument("--train-per-class", type=int, default=None)
+    o.add_argument("--val-per-class", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args):
+    import os
+    import time
+
+    from . import protocols as pr
+
+    if args.list:
+        for name, proto in pr.PROTOCOLS.items():
+            print(f"{name}: {proto.description}; {proto.trials} trial(s) per setting by default "
+                  f"(publication: {proto.paper_trials or '-'})")
+        return 0
+    if not args.protocol or not args.out:
+        raise ValueError("give a protocol name and a run directory (or --list)")
+    overrides = {k: v for k, v in (("steps", args.steps), ("log_every", args.log_every),
+                                   ("train_per_class", args.train_per_class),
+                                   ("val_per_class", args.val_per_class)) if v is not None}
+    if not args.summary_only:
+        client = None
+        if args.scheduler:
+            from distributed import Client
+
+            client = Client(args.scheduler)
+        t0 = time.perf_counter()
+        recs = pr.run_protocol(args.protocol, args.out, trials=args.trials, p_errs=args.p_err,
+                               workers=args.workers, client=client, data_path=args.data_path,
+                               threads=args.threads, progress=not args.no_progress,
+                               **overrides)
+        wall = time.perf_counter() - t0
+        for r in recs:
+            f = r["final"]
+            print(f"{r['store']}: test_acc {f['test_acc']:.4f} test_loss {f['test_loss']:.4f} "
+                  f"({r['wall_seconds']:.0f} s)")
+        print(f"{len(recs)} trials; this session {wall:.0f} s")
+    if args.summary or args.summary_only:
+        dest = args.summary or os.path.join(args.out, "summary")
+        files = pr.write_protocol_summary(args.out, dest, nc=args.nc)
+        print(f"wrote {len(files)} files to {dest}")
+    return 0
+
+
+_RECONCILE_VARIANTS = {
+    "as-trained": {},
+    "no-momentum": {"momentum": False},
+    "bn-eval": {"batchnorm_train": False},
+    "no-momentum-bn-eval": {"momentum": False, "batchnorm_train": False},
+    "lr/10": {"lr_scale": 0.1},
+}
+
+
+@_subcommand
+def _add_reconcile(sub):
+    p = sub.add_parser(
+        "reconcile",
+        help="measured vs fitted impacts: SGD's drift over log intervals from a trial's state",
+        description="From the state of a protocol trial at a step (a kept snapshot, or the trial "
+        "run again to that step), compare over intervals of SGD steps: the impacts measured on "
+        "the network, its first-order drift, the kernel flow (NTK frozen), the cross-entropy "
+        "LE-SDE with the measured E, and replicas of real SGD (variants without momentum or "
+        "with BatchNorm in evaluation mode), each summarised by the intra/inter impacts a "
+        "left-rule fit of the increments would give (lesde.reconcile).",
+    )
+    p.add_argument("run", help="protocol run directory (lesde reproduce)")
+    p.add_argument("--setting", default="p000", help="setting, e.g. p000, p030, p067")
+    p.add_argument("--trial", type=int, default=0)
+    p.add_argument("--step", type=int, required=True, help="optimizer step of the state")
+    p.add_argument("--intervals", default="1,5,20,50",
+                   help="comma list of interval lengths in SGD steps (default %(default)s)")
+    p.add_argument("--replicas", type=int, default=200, help="SGD replicas per variant")
+    p.add_argument("--probe-per-class", type=int, default=30,
+                   help="tracked training samples per class used as probes")
+    p.add_argument("--variants", nargs="+", default=["as-trained"],
+                   choices=sorted(_RECONCILE_VARIANTS), help="SGD variants")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 location (default: $LESDE_CIFAR10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for the CSV / JSON / markdown")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_reconcile)
+
+
+def _run_reconcile(args):
+    import csv
+    import json
+    import os
+    import time
+
+    import numpy as np
+    import torch
+
+    from .protocols import protocol_state
+    from .reconcile import compare_interval
+    from .tracking import load_store
+
+    intervals = sorted({int(v) for v in str(args.intervals).split(",") if v.strip()})
+    if not intervals or intervals[0] < 1:
+        raise ValueError(f"--intervals must be positive step counts, got {args.intervals!r}")
+    t0 = time.perf_counter()
+    model, opt, (train, _), info = protocol_state(args.run, args.setting, args.trial, args.step,
+                                                  data_path=args.data_path)
+    cfg = info["config"]
+    store = os.path.join(args.run, args.setting, f"trial_{args.trial:03d}")
+    st = load_store(store)
+    sel = np.flatnonzero(st.split == 0)
+    lab = st.labels[sel]
+    probe = np.concatenate([sel[lab == c][: args.probe_per_class]
+                            for c in range(cfg.num_classes)])
+    x_tr = train[0].to(cfg.torch_dtype)
+    x_probe = x_tr[torch.as_tensor(st.index[probe])]
+    y_probe = torch.as_tensor(st.labels[probe])
+    variants = {v: _RECONCILE_VARIANTS[v] for v in args.variants}
+    res = compare_interval(model, opt, x_tr, train[1], x_probe, y_probe, intervals,
+                           replicas=args.replicas, batch_size=cfg.batch_size,
+                           replacement=cfg.sampling == "replacement", sgd_variants=variants,
+                           seed=args.seed, progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{os.path.basename(os.path.normpath(args.run))}_"
+                                  f"{args.setting}_trial{args.trial}_step{args.step}")
+    rows = res.rows()
+    with open(base + ".csv", "w", newline="") as f:
+        keys = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    dec = [res.decomposition(n, v, q) for v in variants for n in intervals
+           for q in ("contrast", "alpha")]
+    with open(base + ".json", "w") as f:
+        json.dump({"run": os.path.basename(os.path.normpath(args.run)), "setting": args.setting,
+                   "trial": args.trial, "step": args.step, "lr": res.lr,
+                   "state_source": info["source"], "max_logit_diff": info["max_logit_diff"],
+                   "probe_per_class": args.probe_per_class, "replicas": args.replicas,
+                   "alpha_hat": res.alpha_hat, "beta_hat": res.beta_hat,
+                   "E_hat": np.asarray(res.E_hat).tolist(), "wall_seconds": wall,
+                   "decomposition": dec}, f, indent=1)
+    lines = [f"state: {args.run} {args.setting} trial {args.trial} step {args.step} "
+             f"({info['source']}); alpha_hat {res.alpha_hat:.4g}, beta_hat {res.beta_hat:.4g}",
+             "", "| variant | steps | quantity | measured | first-order drift (probe / whole "
+             "set) | kernel flow | class-pair flow | SGD [95%] | total gap [95%] | form | time "
+             "scale | rest [95%] |",
+             "|---|---:|---|---:|---|---:|---:|---|---|---:|---:|---|"]
+    for d in dec:
+        lines.append(
+            f"| {d['variant']} | {d['steps']} | {d['quantity']} | {d['measured']:.4g} | "
+            f"{d['kernel@0']:.4g} / {d['full_set@0']:.4g} | {d['kernel_flow']:.4g} | "
+            f"{d['class_pair_flow']:.4g} | "
+            f"{d['sgd']:.4g} [{d['sgd_lo']:.3g}, {d['sgd_hi']:.3g}] | {d['total']:.3g} "
+            f"[{d['total_band'][0]:.3g}, {d['total_band'][1]:.3g}] | {d['form']:.3g} | "
+            f"{d['time_scale']:.3g} | {d['rest']:.3g} [{d['rest_band'][0]:.3g}, "
+            f"{d['rest_band'][1]:.3g}] |")
+    text = "\n".join(lines) + "\n"
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {base}.csv, .json, .md ({wall:.0f} s)")
     return 0
 
 

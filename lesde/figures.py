@@ -21,7 +21,7 @@ __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_cu
            "plot_torus_locality", "plot_matrix", "plot_elasticity_tracking", "plot_fit",
            "plot_tracking_statistics", "plot_dan_comparison", "plot_torus_profiles",
            "plot_clustering_summary",
-           "plot_goodness_of_fit"]
+           "plot_goodness_of_fit", "plot_protocol_summary"]
 
 
 def _plt():
@@ -898,5 +898,78 @@ def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
         axes[1, k].axis("off")
     fig.suptitle((title + "\n" if title else "") + "fitted SDE simulated from the logged X(0) "
                  "(dashed, shaded: band) against the log (solid)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_protocol_summary(summary: Dict[str, dict], path, title: Optional[str] = None,
+                          lr: Optional[float] = None) -> str:
+    """The trials of a protocol run (:func:`lesde.protocols.summarize_protocol`) in one figure.
+
+    Top: validation accuracy and loss against the SGD iteration, mean over the trials with a
+    band of one standard deviation, one colour per setting. Bottom: the I-estimator's A(t)
+    (solid) and B(t) (dashed) of every trial (thin) and on the class means pooled over trials
+    (thick); and the impacts measured on the network, alpha_hat (solid) and beta_hat (dashed),
+    mean over trials, per unit of lr-scaled time. With NC measures (``nc1`` ...) a third row
+    shows NC1 (log scale) and the NC2 terms, NC3 and NC4 against the iteration.
+    """
+    plt = _plt()
+    has_nc = any("nc1" in rec for rec in summary.values())
+    rows = 3 if has_nc else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.4 * rows))
+    for c, (setting, rec) in enumerate(summary.items()):
+        col = _PALETTE[c % len(_PALETTE)]
+        step = rec["step"]
+        label = f"{setting} ({len(rec['trials'])} trials)"
+        for ax, name in ((axes[0, 0], "test_acc"), (axes[0, 1], "test_loss")):
+            v = np.asarray(rec[name], dtype=float)
+            m = np.nanmean(v, 0)
+            s = np.nanstd(v, 0, ddof=1) if v.shape[0] > 1 else np.zeros_like(m)
+            ax.plot(step, m, color=col, label=label)
+            ax.fill_between(step, m - s, m + s, color=col, alpha=0.2, lw=0)
+        ax = axes[1, 0]
+        for a, b in zip(rec["A"], rec["B"]):
+            ax.plot(step, a, color=col, lw=0.5, alpha=0.35)
+            ax.plot(step, b, color=col, lw=0.5, alpha=0.35, ls="--")
+        ax.plot(step, rec["A_pooled"], color=col, lw=2, label=f"{setting}: A (pooled)")
+        ax.plot(step, rec["B_pooled"], color=col, lw=2, ls="--", label=f"{setting}: B (pooled)")
+        if "alpha_hat" in rec:
+            ax = axes[1, 1]
+            ax.plot(rec["impact_step"], np.nanmean(rec["alpha_hat"], 0), color=col, marker="o",
+                    ms=3, label=f"{setting}: alpha_hat")
+            ax.plot(rec["impact_step"], np.nanmean(rec["beta_hat"], 0), color=col, marker="x",
+                    ms=3, ls="--", label=f"{setting}: beta_hat")
+        if has_nc and "nc1" in rec:
+            ax = axes[2, 0]
+            ax.plot(step, np.nanmean(rec["nc1"], 0), color=col, label=f"{setting}: NC1")
+            ax = axes[2, 1]
+            for name, ls in (("nc2_equinorm", "-"), ("nc2_etf", "--"), ("nc3", ":"),
+                             ("nc4", "-.")):
+                ax.plot(step, np.nanmean(rec[name], 0), color=col, ls=ls,
+                        label=f"{setting}: {name.replace('nc2_', 'NC2 ').replace('nc', 'NC')}")
+    k = None
+    for rec in summary.values():
+        k = rec["class_mean_logits_train"].shape[-1]
+    if k:
+        axes[0, 0].axhline(1 / k, color="k", lw=0.8, ls=":", label=f"chance 1/{k}")
+        axes[0, 1].axhline(np.log(k), color="k", lw=0.8, ls=":", label=f"log {k}")
+    axes[0, 0].set(xlabel="iteration", ylabel="validation accuracy")
+    axes[0, 1].set(xlabel="iteration", ylabel="validation loss")
+    axes[1, 0].set(xlabel="iteration", ylabel="A(t), B(t)  (I-estimator)")
+    unit = "per unit t = step x lr" + (f" (lr {lr:g})" if lr else "")
+    axes[1, 1].set(xlabel="iteration", ylabel=f"measured impact, {unit}")
+    if axes[1, 1].has_data():
+        vals = np.concatenate([np.ravel(r.get("alpha_hat", [])) for r in summary.values()])
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if vals.size and vals.max() / vals.min() > 10:
+            axes[1, 1].set_yscale("log")
+    if has_nc:
+        axes[2, 0].set(xlabel="iteration", ylabel="NC1 (tracked train features)", yscale="log")
+        axes[2, 1].set(xlabel="iteration", ylabel="NC2 (equinorm, ETF angle), NC3, NC4")
+    for ax in axes.ravel():
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

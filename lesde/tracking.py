@@ -149,8 +149,9 @@ class TrainConfig:
         lr: learning rate h (constant); the lr-scaled time of step s is ``s * lr``.
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty coefficient of the optimizer.
-        batch_size: samples per optimizer step (1 allowed). Each epoch is a fresh random
-            permutation of the training set; an incomplete last batch is dropped.
+        batch_size: samples per optimizer step (1 allowed). With ``sampling="reshuffle"``
+            each epoch is a fresh random permutation of the training set and an incomplete
+            last batch is dropped.
         steps: number of optimizer steps. Exactly one of ``steps`` and ``epochs`` is positive.
         epochs: number of epochs (may be fractional); converted to
             ``ceil(epochs * (N // batch_size))`` steps.
@@ -172,6 +173,9 @@ class TrainConfig:
             the impact measurement (0 = all ``track_per_class``).
         impacts_output: "logits" or "features", passed as ``output`` to ``measure_impacts``.
         class_names: optional names of the K classes (stored as an attribute).
+        sampling: "reshuffle" (default: random reshuffling, epoch by epoch) or "replacement"
+            (every step draws ``batch_size`` samples uniformly with replacement, the draw the
+            LE-SDE's drift and noise average over, and the SGD of Zhang, Wang & Su's code).
     """
 
     net: str
@@ -198,6 +202,7 @@ class TrainConfig:
     impacts_per_class: int = 0
     impacts_output: str = "logits"
     class_names: Optional[Tuple[str, ...]] = None
+    sampling: str = "reshuffle"
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen)
@@ -266,6 +271,10 @@ class TrainConfig:
         for name in ("checkpoint_every", "impacts_every", "impacts_per_class"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sampling not in ("reshuffle", "replacement"):
+            raise ValueError(
+                f"sampling must be 'reshuffle' or 'replacement', got {self.sampling!r}"
+            )
         if self.impacts_output not in ("logits", "features"):
             raise ValueError(
                 f"impacts_output must be 'logits' or 'features', got {self.impacts_output!r}"
@@ -957,16 +966,20 @@ def _fingerprint(x_tr, y_tr, x_te, y_te) -> str:
 
 
 class _DataOrder:
-    """Random reshuffling, one permutation per epoch, from its own generator (resumable)."""
+    """Random reshuffling, one permutation per epoch, or uniform draws with replacement, from
+    its own generator (resumable)."""
 
-    def __init__(self, n: int, batch: int, seed: int):
+    def __init__(self, n: int, batch: int, seed: int, replacement: bool = False):
         self.n, self.batch = n, batch
+        self.replacement = bool(replacement)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.perm = torch.randperm(n, generator=self.gen)
         self.pos = 0
         self.epoch = 0
 
     def next_batch(self) -> torch.Tensor:
+        if self.replacement:
+            return torch.randint(self.n, (self.batch,), generator=self.gen)
         if self.pos + self.batch > self.n:
             self.perm = torch.randperm(self.n, generator=self.gen)
             self.pos = 0
@@ -1193,7 +1206,8 @@ def train_and_track(
     model = _build_model(config)
     feature_dim, act_per_sample = _probe(model, config, x_tr, device, dtype)
     optimizer = _make_optimizer(config, model.parameters())
-    order = _DataOrder(n_train, config.batch_size, config.seed + 1)
+    order = _DataOrder(n_train, config.batch_size, config.seed + 1,
+                       replacement=config.sampling == "replacement")
     _check_training_memory(model, config, x_tr, act_per_sample, device)
 
     # the store: create, or resume -- under the store's lock

@@ -19,10 +19,13 @@ from lesde.data import (
     GEOMNIST_CLASSES,
     DataFormatError,
     UnsafePickleError,
+    GEOMNIST_VARIANTS,
     apply_label_noise,
+    geomnist_train_val,
     load_cifar10,
     make_geomnist,
 )
+from lesde.data import _zhang2021_mask, _zhang2021_params
 
 # --------------------------------------------------------------------------------------------
 # Tiny CIFAR-10 files in the real formats
@@ -456,7 +459,7 @@ def _area_over_moment_ellipse(img, sigma):
 
 @pytest.fixture(scope="module")
 def geo():
-    return make_geomnist(40, seed=5)
+    return make_geomnist(40, seed=5, variant="analytic")
 
 
 def test_geomnist_shapes_and_determinism(geo):
@@ -468,11 +471,11 @@ def test_geomnist_shapes_and_determinism(geo):
     assert geo.labels.dtype == np.int64
     assert 0 <= geo.angles.min() and geo.angles.max() <= 176 and geo.angles.std() > 30
     assert 0.9 <= geo.sigmas.min() and geo.sigmas.max() <= 1.1
-    again = make_geomnist(40, seed=5)
+    again = make_geomnist(40, seed=5, variant="analytic")
     np.testing.assert_array_equal(again.images, geo.images)
-    other = make_geomnist(40, seed=6)
+    other = make_geomnist(40, seed=6, variant="analytic")
     assert not np.array_equal(other.images, geo.images)
-    noisy = make_geomnist(40, seed=5, p_err=0.5)  # label noise leaves the images alone
+    noisy = make_geomnist(40, seed=5, p_err=0.5, variant="analytic")  # label noise leaves the images alone
     np.testing.assert_array_equal(noisy.images, geo.images)
     assert (noisy.labels != noisy.clean_labels).sum() == 60
     x, y = geo.to_tensors()
@@ -503,11 +506,128 @@ def test_geomnist_sweeps_its_parameter(geo):
 
 
 def test_geomnist_image_size():
-    g = make_geomnist(2, seed=0, image_size=64)
+    g = make_geomnist(2, seed=0, image_size=64, variant="analytic")
     assert g.images.shape == (6, 1, 64, 64)
-    g32 = make_geomnist(2, seed=0)
+    g32 = make_geomnist(2, seed=0, variant="analytic")
     np.testing.assert_allclose(g.images.sum(axis=(1, 2, 3)) / 4, g32.images.sum(axis=(1, 2, 3)),
                                rtol=0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# GeoMNIST as in Zhang, Wang & Su's code (the default variant)
+# --------------------------------------------------------------------------------------------
+
+def test_geomnist_variants_and_default():
+    assert GEOMNIST_VARIANTS == ("zhang2021", "analytic")
+    g = make_geomnist(3, seed=0)
+    assert g.variant == "zhang2021" and g.images.shape == (9, 1, 32, 32)
+    assert make_geomnist(3, seed=0, variant="analytic").variant == "analytic"
+    with pytest.raises(ValueError, match="variant"):
+        make_geomnist(3, variant="mnist")
+    with pytest.raises(ValueError, match="32x32 pixels only"):
+        make_geomnist(3, image_size=64)
+
+
+def test_geomnist_zhang2021_pixel_areas_over_the_authors_sweep():
+    """The unrotated shapes of the authors' 1,000-image sweep (500 train + 500 validation per
+    class): triangles 209-230 pixels, rectangles 153, ellipses 147-299."""
+    areas = [np.array([_zhang2021_mask(k, float(p)).sum() for p in _zhang2021_params(k, 1000)])
+             for k in range(3)]
+    assert (areas[0].min(), areas[0].max()) == (209, 230)
+    assert set(areas[1].tolist()) == {153}
+    assert (areas[2].min(), areas[2].max()) == (147, 299)
+    assert np.all(np.diff(areas[2]) >= 0)            # the ellipse grows along its sweep
+
+
+@pytest.mark.parametrize("d", [-1.0, -0.37, 0.0, 0.5, 1.0])
+def test_geomnist_zhang2021_triangle_is_the_lattice_points_of_the_triangle(d):
+    """Independent of the crossing test: every lattice point strictly inside the triangle
+    (barycentric coordinates > 1e-9) is drawn, no point outside (< -1e-9) is."""
+    mask = _zhang2021_mask(0, d)
+    v = np.array([[16 + d, 16 - 8 * np.sqrt(3) + d], [26 + d, 24 + d], [6 + d, 24 + d]])
+    rr, cc = np.mgrid[:32, :32].astype(float)
+    t = np.linalg.inv(np.array([v[1] - v[0], v[2] - v[0]]).T)
+    l1 = t[0, 0] * (rr - v[0, 0]) + t[0, 1] * (cc - v[0, 1])
+    l2 = t[1, 0] * (rr - v[0, 0]) + t[1, 1] * (cc - v[0, 1])
+    bary = np.minimum(np.minimum(l1, l2), 1 - l1 - l2)
+    assert np.all(mask[bary > 1e-9]) and not np.any(mask[bary < -1e-9])
+    # close to the area of the exact triangle, base 20 (rows) x height 8 + 8 sqrt 3 (columns) / 2
+    exact = 0.5 * 20 * (8 + 8 * np.sqrt(3))
+    assert abs(mask.sum() - exact) < 0.06 * exact
+
+
+def test_geomnist_zhang2021_rectangle_and_ellipse_geometry():
+    for d in (-1.0, -0.2, 0.6, 1.0):
+        rows, cols = np.nonzero(_zhang2021_mask(1, d))
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (9, 17)
+        assert rows.min() == np.round(12 + d) and cols.min() == np.round(8 + d)
+    for a in (5.0, 6.0, 7.0):
+        m = _zhang2021_mask(2, a)
+        rows, cols = np.nonzero(m)
+        assert abs(m.sum() - 2 * np.pi * a * a) < 0.07 * 2 * np.pi * a * a
+        assert np.all(np.abs(rows - 16) < a) and np.all(np.abs(cols - 16) < 2 * a)
+        assert np.array_equal(m, m[::-1][np.r_[31, 0:31]])  # symmetric about row 16
+
+
+def _orientation_deg(img):
+    """Angle of the major axis of the image's second moments, (x = column, y = row)."""
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    m = img.sum()
+    mx, my = (img * xx).sum() / m, (img * yy).sum() / m
+    cxx, cyy = (img * (xx - mx) ** 2).sum() / m, (img * (yy - my) ** 2).sum() / m
+    cxy = (img * (xx - mx) * (yy - my)).sum() / m
+    return np.degrees(0.5 * np.arctan2(2 * cxy, cxx - cyy))
+
+
+def test_geomnist_zhang2021_rotation_sweep_blur_and_mass():
+    n = 30
+    g = make_geomnist(n, seed=2)
+    np.testing.assert_array_equal(g.clean_labels, np.repeat([0, 1, 2], n))
+    np.testing.assert_allclose(g.angles, np.tile(176.0 * np.arange(n) / n, 3), rtol=1e-14)
+    np.testing.assert_allclose(g.sweep, np.tile(np.linspace(0, 1, n), 3))
+    assert 0.9 <= g.sigmas.min() and g.sigmas.max() <= 1.1 and g.sigmas.std() > 0.03
+    # rotation and blur keep the mass (the spline and the reflecting blur are mass-preserving
+    # up to interpolation error) ...
+    areas = np.concatenate([[_zhang2021_mask(k, float(p)).sum() for p in _zhang2021_params(k, n)]
+                            for k in range(3)])
+    np.testing.assert_allclose(g.images.sum(axis=(1, 2, 3)), areas, rtol=2e-3)
+    # ... and the ellipse's major axis turns with the image index (clockwise in (col, row))
+    theta = np.array([_orientation_deg(im[0].astype(np.float64)) for im in g.images[2 * n:]])
+    diff = (theta + g.angles[2 * n:] + 90) % 180 - 90
+    assert np.abs(diff).max() < 0.5
+    assert g.images.min() > -0.1 and g.images.max() < 1.1 and g.images.max() > 0.95
+    # deterministic per seed; label noise leaves the images alone
+    np.testing.assert_array_equal(make_geomnist(n, seed=2).images, g.images)
+    assert not np.array_equal(make_geomnist(n, seed=3).images, g.images)
+    noisy = make_geomnist(n, seed=2, p_err=0.5)
+    np.testing.assert_array_equal(noisy.images, g.images)
+    assert (noisy.labels != noisy.clean_labels).sum() == 45
+
+
+def test_geomnist_train_val_split_like_the_authors():
+    tr, va = geomnist_train_val(20, 10, seed=4, p_err=0.3)
+    full = make_geomnist(30, seed=4)
+    assert tr.images.shape == (60, 1, 32, 32) and va.images.shape == (30, 1, 32, 32)
+    np.testing.assert_array_equal(tr.clean_labels, np.repeat([0, 1, 2], 20))
+    np.testing.assert_array_equal(va.labels, va.clean_labels)        # clean validation labels
+    for k in range(3):                                               # a partition of the sweep
+        s = np.concatenate([tr.sweep[tr.clean_labels == k], va.sweep[va.clean_labels == k]])
+        np.testing.assert_allclose(np.sort(s), full.sweep[full.clean_labels == k])
+        assert np.all(np.diff(tr.sweep[tr.clean_labels == k]) > 0)
+        # exactly round(0.3 * 20) = 6 training labels of each class moved, 3 to each other class
+        moved = tr.labels[(tr.clean_labels == k) & (tr.labels != k)]
+        assert len(moved) == 6 and sorted(np.bincount(moved, minlength=3).tolist()) == [0, 3, 3]
+    # each image is the full sweep's image with the same parameters
+    rows = [int(np.flatnonzero((full.clean_labels == c) & np.isclose(full.sweep, s))[0])
+            for c, s in zip(tr.clean_labels, tr.sweep)]
+    np.testing.assert_array_equal(tr.images, full.images[rows])
+    # the images and the split do not depend on p_err
+    tr0, va0 = geomnist_train_val(20, 10, seed=4, p_err=0.0)
+    np.testing.assert_array_equal(tr0.images, tr.images)
+    np.testing.assert_array_equal(va0.images, va.images)
+    np.testing.assert_array_equal(tr0.labels, tr0.clean_labels)
+    with pytest.raises(ValueError, match="n_val"):
+        geomnist_train_val(5, 0)
 
 
 # --------------------------------------------------------------------------------------------

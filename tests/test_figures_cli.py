@@ -156,7 +156,7 @@ def test_help_shows_defaults_and_figure_options_all_have_help(capsys):
     with pytest.raises(SystemExit):
         main(["elasticity", "torus", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "default: 2000" in text and "--out OUT" in text and "(default: elasticity_out)" in text
+    assert "(default: 0 2000)" in text and "--out OUT" in text and "(default: elasticity_out)" in text
     top = _subparsers_of(build_parser())
     figure_parsers = [top.choices["demo"]] + list(_subparsers_of(top.choices["figures"]).choices.values())
     for parser in figure_parsers:
