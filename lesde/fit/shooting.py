@@ -350,6 +350,10 @@ class ShootingEstimator(Estimator):
     #: condition number of the scaled Gauss-Newton Hessian above which E is reported as not
     #: identified (with a warning; its bands are then wide)
     CONDITION_WARN = 1e6
+    #: for fields whose class means of G sum to zero over the coordinates (cross-entropy on
+    #: logits, label projection): below this size of sum_k w_k Gbar_k relative to the drift's
+    #: regressors (median over the log) a shift of a row of E is reported as not identified
+    SHIFT_MIN = 0.15
 
     def __init__(self, field="cross_entropy", matrix: str = "intra_inter",
                  time: str = "piecewise_linear", knots=None, t0: float = 1.0,
@@ -442,13 +446,24 @@ class ShootingEstimator(Estimator):
         self.class_weights_ = traj.class_weights
         self.x0_ = traj.features[:, 0].copy()
         self._summaries(traj)
-        if not self.identified_:
+        weak_shift = np.isfinite(self.shift_signal_) and self.shift_signal_ < self.SHIFT_MIN
+        self.identified_ = bool(self.condition_ <= self.CONDITION_WARN and not weak_shift)
+        self.row_shift_identified_ = not weak_shift
+        if weak_shift:
+            warnings.warn(
+                f"ShootingEstimator: the {'rows of E' if form.matrix == 'full' else 'sum alpha + (K-1) beta'} "
+                f"are not identified from this log: each class's mean G sums to zero over the "
+                f"coordinates, so adding a number to a row of E moves the drift only through "
+                f"sum_k w_k Gbar_k, here {self.shift_signal_:.3f} of the drift's own size "
+                f"(< {self.SHIFT_MIN}). Their bands are made wide; differences within a row "
+                f"(alpha - beta, reported as gap_) are identified. Logs from several initial "
+                f"states with unequal logit biases identify them.", UserWarning, stacklevel=2)
+        elif not self.identified_:
             warnings.warn(
                 f"ShootingEstimator: E is not identified from this log (condition number "
-                f"{self.condition_:.1e} of the scaled Hessian > {self.CONDITION_WARN:.0e}; e.g. "
-                "the full E of the cross-entropy field from one trial, where each class's mean G "
-                "sums to zero over the logits). The bands in the weak directions are wide; fit "
-                "the intra/inter form, or several trials from different initial states.",
+                f"{self.condition_:.1e} of the scaled Hessian > {self.CONDITION_WARN:.0e}). The "
+                "bands in the weak directions are wide; fit a simpler form (intra/inter, fewer "
+                "knots), or several trials from different initial states.",
                 UserWarning, stacklevel=2)
         self.band_method_ = band
         self.bands_, self.se_ = {}, {}
@@ -471,6 +486,22 @@ class ShootingEstimator(Estimator):
             q = _quantities_t(self.form_, torch.as_tensor(np.asarray(theta, dtype=float)),
                               self.ts_)
         return {k: v.numpy() for k, v in q.items()}
+
+    def tail_index(self, tail: Optional[float] = None, which: str = "A", kind: str = "integral",
+                   **kwargs) -> dict:
+        """Tail index r of the fitted intra- (``which="A"``) or inter-class (``"B"``) impact by
+        :func:`~lesde.fit.tail_index` (``kind`` "paper", "integral" or "rate"; keyword
+        arguments such as ``time_scale`` go to it)."""
+        from .derivatives import tail_index
+
+        self._check_fitted()
+        if which not in ("A", "B"):
+            raise ValueError(f"which must be 'A' or 'B', got {which!r}")
+        if kind == "rate":
+            v = self.alpha_ if which == "A" else self.beta_
+        else:
+            v = self.A_ if which == "A" else self.B_
+        return tail_index(self.ts_, v, tail=tail, kind=kind, **kwargs)
 
     def impacts(self):
         """The fitted E(t) as a :class:`~lesde.model.Impacts`."""
@@ -531,7 +562,8 @@ class ShootingEstimator(Estimator):
 
 def _quantities_t(form: ImpactForm, theta: torch.Tensor, ts: np.ndarray) -> dict:
     """E (..., T, K, K), alpha, beta (..., T): the means of E's diagonal and off-diagonal (for the
-    intra/inter form exactly alpha and beta), and A, B (..., T) their integrals from ts[0]
+    intra/inter form exactly alpha and beta), gap = alpha - beta, and A, B (..., T) their
+    integrals from ts[0]
     (trapezoid rule on a grid 20 times finer than the log)."""
     K = form.K
     fine = np.linspace(ts[0], ts[-1], 20 * (len(ts) - 1) + 1)
@@ -551,7 +583,7 @@ def _quantities_t(form: ImpactForm, theta: torch.Tensor, ts: np.ndarray) -> dict
         c = torch.cat([torch.zeros_like(y[..., :1]), torch.cumsum(inc, -1)], -1)
         return c[..., idx]
 
-    return {"E": E, "alpha": a, "beta": b, "A": cum(af), "B": cum(bf)}
+    return {"E": E, "alpha": a, "beta": b, "gap": a - b, "A": cum(af), "B": cum(bf)}
 
 
 def quantities_jacobian(form: ImpactForm, theta: np.ndarray, ts: np.ndarray) -> dict:
@@ -640,6 +672,7 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
     # stage 0: a linear start (trapezoid rule) for forms linear in theta
     G = field_values(field, traj.features, traj.labels, traj.ts, K)
     gbar = torch.as_tensor(class_means(G, traj.labels, K))                 # (R, T, K, p)
+    shift_signal = _shift_signal(gbar.numpy(), traj.class_weights)
     L1 = _whitening(dt, n_c, p, sig2_m, 0.0, None)
     prob.set_whitening(L1)
     theta0, H0 = _surrogate_start(prob, form, gbar)
@@ -770,7 +803,47 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
             "nll_": nll, "aic_": 2 * nll + 2 * k_par, "bic_": 2 * nll + k_par * math.log(n_obs),
             "n_substeps_": S, "integration_error_": err, "condition_": cond,
             "identified_": bool(cond <= ShootingEstimator.CONDITION_WARN),
+            "shift_signal_": shift_signal,
             "n_evals_": n_evals, "whitening_": L2}
+
+
+def _shift_signal(gbar: np.ndarray, w: np.ndarray) -> float:
+    """How well a shift of a row of E is identified: for fields whose class means of G sum to
+    zero over the coordinates, the median over trials and times of
+    ``|sum_k w_k Gbar_k| / sqrt(sum_k |w_k Gbar_k|^2)``; NaN for other fields (no such
+    direction)."""
+    scale = np.abs(gbar).max() + 1e-300
+    if np.abs(gbar.sum(axis=-1)).max() > 1e-8 * scale:
+        return float("nan")
+    wg = gbar * w[None, None, :, None]                                     # (R, T, K, p)
+    num = np.linalg.norm(wg.sum(axis=2), axis=-1)
+    den = np.sqrt((wg ** 2).sum(axis=(2, 3))) + 1e-300
+    return float(np.median(num / den))
+
+
+def row_shift_directions(form: ImpactForm) -> np.ndarray:
+    """Unit directions (n, P) in parameter space that add a number to one row of E at one
+    knot (intra/inter: alpha and beta together); for forms linear in theta."""
+    K, F = form.K, form.n_free
+    rows = ([np.ones(2)] if form.matrix == "intra_inter" else
+            [np.kron(np.eye(K)[c], np.ones(K)) for c in range(K)])     # row c, row-major E
+    if form.time == "constant":
+        return np.stack([r / np.linalg.norm(r) for r in rows])
+    if form.time == "piecewise_linear":
+        m = form.knots.size
+        out = []
+        for j in range(m):
+            for r in rows:
+                v = np.zeros(m * F)
+                v[j * F:(j + 1) * F] = r
+                out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+    out = []                                                  # power law: the amplitudes
+    for r in rows:
+        v = np.zeros(2 * F)
+        v[:F] = r
+        out.append(v / np.linalg.norm(v))
+    return np.stack(out)
 
 
 def _rate(form: ImpactForm, theta, ts, weights, cmf) -> float:

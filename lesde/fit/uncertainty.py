@@ -243,12 +243,41 @@ def _chunks(n: int, size: int) -> list:
 def shooting_bands(est, traj, band: str) -> None:
     """Fill ``est.bands_`` / ``est.se_`` (and ``est.bootstrap_theta_``) of a fitted
     :class:`~lesde.fit.ShootingEstimator`."""
+    theta = est.theta_
+    q_hat = est.quantities(theta)
+    _bands(est, traj, band, theta, q_hat)
+    if not est.row_shift_identified_:
+        _widen_row_shifts(est, theta, q_hat)
+
+
+def _widen_row_shifts(est, theta, q_hat) -> None:
+    """A row shift of E that the log does not identify: every band is widened by +- 10 times
+    the largest |E| along the shift directions (differences within a row, ``gap``, stay)."""
+    from scipy.stats import norm
+
+    from .shooting import quantities_jacobian, row_shift_directions
+
+    V = row_shift_directions(est.form_)                               # (n, P)
+    big = 10.0 * float(np.abs(q_hat["E"]).max() + 1e-12)
+    z = float(norm.ppf(0.5 + est.level / 2))
+    jac = quantities_jacobian(est.form_, theta, est.ts_)
+    for name, J in jac.items():
+        if name not in est.bands_:
+            continue
+        extra = z * big * np.sqrt(np.sum(np.einsum("...p,np->...n", J, V) ** 2, axis=-1))
+        est.bands_[name] = np.stack([est.bands_[name][0] - extra, est.bands_[name][1] + extra])
+        est.se_[name] = np.sqrt(est.se_[name] ** 2 + (extra / z) ** 2)
+    extra = z * big * np.sqrt(np.sum(V ** 2, axis=0))
+    est.bands_["theta"] = np.stack([est.bands_["theta"][0] - extra,
+                                    est.bands_["theta"][1] + extra])
+    est.theta_se_ = np.sqrt(est.theta_se_ ** 2 + (extra / z) ** 2)
+
+
+def _bands(est, traj, band, theta, q_hat) -> None:
     from scipy.stats import norm
 
     from .shooting import quantities_jacobian
 
-    theta = est.theta_
-    q_hat = est.quantities(theta)
     if band == "sandwich":
         z = float(norm.ppf(0.5 + est.level / 2))
         jac = quantities_jacobian(est.form_, theta, est.ts_)
