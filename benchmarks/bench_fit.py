@@ -1,266 +1,398 @@
-"""Fit benchmark: estimator times at the size of a real log, and the replicated coverage study.
+"""Fit benchmark: noise-free exactness on coarse logs, fit times at real-log size, and the
+coverage matrix of the bands.
 
-1. Times (median of ``--repeats`` fits) on a trajectory of T = 200 logged times, K = 3 classes x
-   1,000 tracked samples, p = 64 features (an I-model path with additive noise; the L-estimator
-   and the cross-entropy regression use the K = 3 logits ``W x`` of a fixed read-out W): each
-   estimator without bootstrap, and with 200 bootstrap resamples (tracked samples resampled
-   within each class).
-2. Coverage (``--replicates`` independent fits, default 100) of the nominal 95% bands:
-   The truth of the I- and L-estimator studies is what the simulator's Euler recursion
-   (step 0.02) implies for A, B, alpha, beta (the exact values differ by 0.4%, a third of a
-   standard error).
-   - I- and L-estimators, sample bootstrap: R populations of 300 samples per class simulated
-     with sigma = 0.3 and impacts constant (alpha = 1, beta = 0.3; step 0.02), power-law
-     decaying (1 and 0.3 times (1 + t)^-0.6) or rising then decaying (1 and 0.3 times
-     (t/0.5) exp(1 - t/0.5)) (step 0.002, truth from the exact integrals), 40 per class
-     tracked; bands for A(T), B(T) and alpha, beta at mid-time; 100 resamples per fit.
-   - I-estimator, trial bootstrap: 12 independent trials per fit (shared X(0), all 90 samples
-     tracked); A(T), B(T).
-   - regression estimator on the Euler recursion (step = save interval), 60 samples per class,
-     sigma = 0.3: least-squares intervals of E (each entry of row 0), alpha and beta in the first
-     window, and the sample bootstrap band of alpha (60 resamples).
-   - regression estimator, cross-entropy field on the logits (p = K = 3), additive noise
-     sigma = 0.2, constant alpha = 1, beta = 0.3, Euler recursion (step = save interval 0.1,
-     T = 41): each fit has 4 trials from different initial class means (so that the whole E is
-     identified), populations of 300 per class of which 40 are tracked; one window; the sample
-     bootstrap (100 resamples, tracked samples resampled within class and trial) bands of all
-     nine entries of E, of alpha and of beta, and the least-squares intervals beside them
-     (which ignore that only a subset is tracked).
-   The issue asks for coverage >= 90%; with 100 fits the binomial standard error is about 2.2
-   points at 95%.
+1. ``exact``: noise-free logs at coarse spacing (the class means of G change by a third to a half
+   within one log interval), solved to 1e-11 by scipy's DOP853; the error of E(t) at the knots
+   (max over entries and times, relative to the largest |E|) of the trajectory-matching
+   ``ShootingEstimator`` beside the previous estimators on the same data: the windowed regression
+   with its previous default (left rule, degree 0) and with the trapezoid rule and degree 1, and
+   for the linear models the I-/L-estimator's alpha = dA/dt by a 5-point local quadratic.
+2. ``timing``: one shooting fit at the size of the committed real log (T = 132, 100 tracked
+   samples per class, K = 3 and K = 10, cross-entropy field, the default form and noise), and
+   200 parametric-bootstrap refits over 2 processes.
+3. ``coverage``: the coverage matrix. A base regime (cross-entropy field, additive noise
+   sigma = 0.05, fine logging, 20 samples per class, 1 trial, constant impacts) and every level
+   of every factor varied one at a time (noise high, coarse logging, 200 samples per class, 4
+   trials, power-law and rise-then-decay impacts, SGD noise, the I and L fields), plus the
+   interactions most likely to break coverage (coarse x high noise for each field, SGD noise
+   high, the default piecewise-linear form on constant impacts, the full E of the cross-entropy
+   field from 1 and from 4 trials). Each replicate simulates the LE-SDE (Euler-Maruyama, step
+   0.002) from its own initial state and fits it. Bands: the quasi-likelihood sandwich (every
+   cell) and, in the marked cells, the parametric bootstrap with 40 resamples (basic, normal
+   and percentile intervals from the same resamples). Coverage of alpha(t) and beta(t) at a
+   quarter, half and three quarters of the run (for the full E: every entry at half time).
+   Results are written after every cell (``--out``), and a rerun skips finished cells.
 
-    python benchmarks/bench_fit.py [--threads 1] [--repeats 3] [--replicates 100] [--out FILE.json]
+    python benchmarks/bench_fit.py exact
+    python benchmarks/bench_fit.py timing [--out FILE.json]
+    nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 \\
+        --out benchmarks/results_fit_coverage.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import time
+import warnings
+import zlib
 
 import numpy as np
 import torch
 
-from lesde.theory import euler_rates
 from lesde import model as m
-from lesde.fit import IEstimator, LEstimator, RegressionEstimator, Trajectory
+from lesde.fit import (IEstimator, LEstimator, RegressionEstimator, ShootingEstimator,
+                       Trajectory)
+from lesde.fit.uncertainty import band_from_replicates, shooting_bands
 from lesde.solvers import simulate
 
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+K = 3
 
 
-def _timing(repeats):
-    K, n, p, T = 3, 1000, 64, 200
-    y = np.tile(np.arange(K), n)
-    rng = np.random.default_rng(0)
-    mu = 1.0 + rng.standard_normal((K, p))
-    x0 = mu[y] + 0.5 * rng.standard_normal((y.size, p))
-    ts = np.linspace(0, 2, T)
-    sde = m.LESDE(y, m.Impacts.intra_inter(1.0, 0.3, K), "identity", sigma=0.1, dim=p)
-    sol = simulate(sde, x0, ts, ts[1], seed=0, record="full")
-    feats = Trajectory(ts, sol.states[:, 0], y)
-    W = rng.standard_normal((K, p)) / np.sqrt(p)
-    logits = Trajectory(ts, feats.features[0] @ W.T + 2.0 * np.eye(K)[y][None] + 1.0, y)
-    readout = m.CrossEntropyReadout(W)
-    cases = {
-        "IEstimator": (lambda nb: IEstimator(n_bootstrap=nb).fit(feats)),
-        "LEstimator (logits, p = K)": (lambda nb: LEstimator(n_bootstrap=nb).fit(logits)),
-        "RegressionEstimator identity": (
-            lambda nb: RegressionEstimator("identity", n_bootstrap=nb).fit(feats)),
-        "RegressionEstimator readout": (
-            lambda nb: RegressionEstimator(readout, n_bootstrap=nb).fit(feats)),
-        "RegressionEstimator cross_entropy (logits)": (
-            lambda nb: RegressionEstimator("cross_entropy", n_bootstrap=nb).fit(logits)),
-    }
-    out = {"T": T, "K": K, "n_per_class": n, "p": p, "fits": {}}
-    for name, fit in cases.items():
-        t0 = _median_time(lambda: fit(0), repeats)
-        t200 = _median_time(lambda: fit(200), max(1, repeats - 1))
-        out["fits"][name] = {"seconds": t0, "seconds_bootstrap_200": t200}
-        print(f"{name:44s} fit {t0:7.3f} s   with 200 bootstrap resamples {t200:7.2f} s")
-    return out
+# ============================================================================================
+# set-ups
+# ============================================================================================
+def _mu0(field, rng=None):
+    """Initial class means: an unequal logit bias for the cross-entropy field (so that the mean
+    softmax is not uniform and alpha, beta are both identified), separated means otherwise."""
+    if field == "cross_entropy":
+        return np.broadcast_to(np.array([1.5, 0.0, -1.0]), (K, K)).copy()
+    if field == "label_projection":
+        s = 1.0 + np.arange(K) + 0.5 * np.arange(K) ** 2
+        return 0.5 + s[:, None] * (np.eye(K) - 1.0 / K)
+    return 2.0 + 3.0 * (np.eye(K) - 1.0 / K)
 
 
-def _impacts(profile, K=3):
-    """Constant alpha = 1, beta = 0.3; power-law decay from there; rise-then-decay."""
+def _rise(a0, tp):
+    return lambda t: a0 * (t / tp) * np.exp(1.0 - t / tp)
+
+
+#: per field: alpha, beta scale, run length, fine and coarse log intervals
+SETUP = {"cross_entropy": dict(alpha=5.0, beta=1.25, D=12.0, fine=0.3, coarse=1.5),
+         "identity": dict(alpha=1.0, beta=0.3, D=8.0, fine=0.2, coarse=1.0),
+         "label_projection": dict(alpha=1.5, beta=0.45, D=8.0, fine=0.2, coarse=1.0)}
+
+
+def _impacts(field, profile):
+    s = SETUP[field]
+    a, b, D = s["alpha"], s["beta"], s["D"]
     if profile == "constant":
-        return m.Impacts.intra_inter(1.0, 0.3, K)
-    if profile == "power_law":
-        return m.Impacts.intra_inter(m.PowerLaw(1.0, 0.6), m.PowerLaw(0.3, 0.6), K)
-
-    def rise(a0):
-        return lambda t: a0 * (t / 0.5) * np.exp(1.0 - t / 0.5)
-    return m.Impacts.intra_inter(rise(1.0), rise(0.3), K)
+        return m.Impacts.intra_inter(a, b, K), "constant"
+    if profile == "power_law":     # a (1 + t)^-0.6: about a third of the start at the end
+        return m.Impacts.intra_inter(m.PowerLaw(a, 0.6), m.PowerLaw(b, 0.6), K), "power_law"
+    return m.Impacts.intra_inter(_rise(a, D / 4), _rise(b, D / 4), K), "piecewise_linear"
 
 
-def _tracked_subsets(field, R, seed, K=3, npop=300, m_tr=40, sigma=0.3, profile="constant",
-                     step=0.02):
-    y = np.tile(np.arange(K), npop)
+BASE = dict(field="cross_entropy", noise="additive", level="low", logging="fine", n=20, R=1,
+            profile="constant", matrix="intra_inter", form=None, parametric=False)
+SIGMA = {"low": 0.05, "high": 0.5}
+LR = {"low": 0.05, "high": 0.5}
+
+
+def _cells() -> dict:
+    def cell(**kw):
+        c = dict(BASE)
+        c.update(kw)
+        return c
+
+    return {
+        "base": cell(parametric=True),
+        "noise high": cell(level="high", parametric=True),
+        "coarse": cell(logging="coarse", parametric=True),
+        "200 per class": cell(n=200),
+        "4 trials": cell(R=4),
+        "power-law impacts": cell(profile="power_law"),
+        "rise-then-decay impacts": cell(profile="rise", parametric=True),
+        "SGD noise": cell(noise="sgd", parametric=True),
+        "I field": cell(field="identity", parametric=True),
+        "L field": cell(field="label_projection", parametric=True),
+        "coarse x noise high": cell(logging="coarse", level="high", parametric=True),
+        "SGD noise high": cell(noise="sgd", level="high"),
+        "SGD noise high x coarse": cell(noise="sgd", level="high", logging="coarse"),
+        "I field x coarse x noise high": cell(field="identity", logging="coarse", level="high"),
+        "L field x coarse x noise high": cell(field="label_projection", logging="coarse",
+                                              level="high"),
+        "I field x power-law": cell(field="identity", profile="power_law"),
+        "L field x rise-then-decay": cell(field="label_projection", profile="rise"),
+        "200 per class x 4 trials x noise high": cell(n=200, R=4, level="high"),
+        "default form (piecewise linear) on constant impacts": cell(form="piecewise_linear"),
+        "full E, 4 trials": cell(matrix="full", R=4),
+        "full E, 1 trial": cell(matrix="full"),
+    }
+
+
+def _log_times(c):
+    s = SETUP[c["field"]]
+    return np.round(np.arange(0.0, s["D"] + 1e-9, s[c["logging"]]), 10)
+
+
+def simulate_logs(c: dict, reps: int, seed: int) -> list:
+    """``reps`` independent logs of cell c (each R trials of n samples per class)."""
+    field = c["field"]
+    imp, _ = _impacts(field, c["profile"])
+    y = np.tile(np.arange(K), c["n"])
     rng = np.random.default_rng(seed)
-    s = 1.0 + np.arange(K) + 0.5 * np.arange(K) ** 2
-    d = np.eye(K) - 1.0 / K
-    mu = 0.5 + s[:, None] * d if field == "label_projection" else 2.0 + 3.0 * d
-    x0 = mu[y][None] + 0.5 * rng.standard_normal((R, y.size, K))
-    ts = np.linspace(0, 2, 21)
-    sol = simulate(m.LESDE(y, _impacts(profile, K), field, sigma=sigma, dim=K),
-                   x0, ts, step, seed=seed)
-    for r in range(R):
-        idx = np.concatenate([rng.choice(np.flatnonzero(y == k), m_tr, replace=False)
-                              for k in range(K)])
-        yield Trajectory(ts, sol.states[:, r][:, idx], y[idx])
+    R = c["R"]
+    mu = _mu0(field)
+    spread = 0.5
+    x0 = mu[y][None] + spread * rng.standard_normal((reps * R, y.size, K))
+    if R > 1:      # trials from different initial class means
+        x0 = x0 + 0.5 * rng.standard_normal((reps * R, 1, K))
+    if c["noise"] == "additive":
+        sde = m.LESDE(y, imp, field, sigma=SIGMA[c["level"]], dim=K)
+    else:
+        sde = m.LESDE(y, imp, field, noise="sgd", lr=LR[c["level"]], dim=K)
+    ts = _log_times(c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = simulate(sde, x0, ts, 0.002, seed=seed)
+    if np.any(sol.overflowed):
+        raise RuntimeError(f"cell {c}: a simulation overflowed")
+    st = np.transpose(sol.states, (1, 0, 2, 3)).reshape(reps, R, len(ts), y.size, K)
+    return [Trajectory(ts, st[r], y) for r in range(reps)]
 
 
-def _euler_truth(alpha, beta, K, dt, t, field):
-    """A(t), B(t), alpha, beta implied by the Euler recursion of step dt (constant impacts):
-    the linear models' mean modes grow by (1 + dt lam) per step instead of exp(dt lam)."""
-    a, b = euler_rates(alpha, beta, K, dt, "identity" if field == "identity" else "label_projection")
-    return a * t, b * t, a, b
+def _targets(c: dict):
+    """(times, truth dict name -> values at those times) of the quantities whose coverage
+    is measured."""
+    field = c["field"]
+    imp, _ = _impacts(field, c["profile"])
+    D = SETUP[field]["D"]
+    tq = np.array([D / 4, D / 2, 3 * D / 4])
+    if c["matrix"] == "full":
+        return tq[1:2], {"E": np.stack([imp.matrix(t) for t in tq[1:2]])}
+    Es = [imp.matrix(t) for t in tq]
+    return tq, {"alpha": np.array([E[0, 0] for E in Es]), "beta": np.array([E[0, 1] for E in Es])}
 
 
-def _coverage(replicates):
+def _estimator(c: dict, **kw) -> ShootingEstimator:
+    _, time_form = _impacts(c["field"], c["profile"])
+    if c["form"] is not None:
+        time_form = c["form"]
+    return ShootingEstimator(c["field"], matrix=c["matrix"], time=time_form, **kw)
+
+
+def _cover(est, band, tq, truth, idx):
     out = {}
-    alpha, beta = 1.0, 0.3
-    for profile in ("constant", "power_law", "rise"):
-        for field, Est in (("identity", IEstimator), ("label_projection", LEstimator)):
-            if profile == "constant":
-                step = 0.02
-                A, B, a_eff, b_eff = _euler_truth(alpha, beta, 3, step, 2.0, field)
-            else:   # a fine step: the Euler recursion's rates are the exact ones to 0.05%
-                step = 0.002
-                imp = _impacts(profile)
-                A, B = imp.integrals(2.0)
-                a_eff, b_eff = imp.matrix(1.0)[0, 0], imp.matrix(1.0)[0, 1]
-            t0 = time.perf_counter()
-            hits = np.zeros(4)
-            done = 0
-            batch = 25
-            while done < replicates:
-                for tr in _tracked_subsets(field, min(batch, replicates - done), seed=100 + done,
-                                           profile=profile, step=step):
-                    b = Est(n_bootstrap=100, seed=done).fit(tr).bands_
-                    hits += [b["A"][0, -1] <= A <= b["A"][1, -1],
-                             b["B"][0, -1] <= B <= b["B"][1, -1],
-                             b["alpha"][0, 10] <= a_eff <= b["alpha"][1, 10],
-                             b["beta"][0, 10] <= b_eff <= b["beta"][1, 10]]
-                    done += 1
-            cov = dict(zip(["A(T)", "B(T)", "alpha(T/2)", "beta(T/2)"], (hits / done).tolist()))
-            out[f"{Est.__name__} sample bootstrap, {profile}"] = cov
-            print(f"{Est.__name__:11s} sample bootstrap, {profile:9s}, {done} fits: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in cov.items())
-                  + f"   ({time.perf_counter() - t0:.0f} s)")
-
-    # trial bootstrap: each fit has 12 trials from a shared X(0)
-    t0 = time.perf_counter()
-    K, R = 3, 12
-    A, B, _, _ = _euler_truth(alpha, beta, K, 0.02, 2.0, "identity")
-    y = np.tile(np.arange(K), 30)
-    hits = np.zeros(2)
-    for rep in range(replicates):
-        rng = np.random.default_rng(1000 + rep)
-        x0 = 2.0 + 3.0 * (np.eye(K) - 1.0 / K)[y] + 0.3 * rng.standard_normal((y.size, K))
-        sol = simulate(m.LESDE(y, m.Impacts.intra_inter(alpha, beta, K), "identity", sigma=0.3,
-                               dim=K), x0, np.linspace(0, 2, 21), 0.02, seed=rep, num_runs=R)
-        b = IEstimator(n_bootstrap=200, seed=rep).fit(sol).bands_
-        hits += [b["A"][0, -1] <= A <= b["A"][1, -1], b["B"][0, -1] <= B <= b["B"][1, -1]]
-    cov = {"A(T)": hits[0] / replicates, "B(T)": hits[1] / replicates}
-    out["IEstimator trial bootstrap"] = cov
-    print(f"IEstimator  trial bootstrap (12 trials), {replicates} fits: A(T) {cov['A(T)']:.2f}, "
-          f"B(T) {cov['B(T)']:.2f}   ({time.perf_counter() - t0:.0f} s)")
-
-    # regression on the Euler recursion
-    t0 = time.perf_counter()
-    imp = m.Impacts.intra_inter(alpha, beta, K)
-    E0 = imp.matrix(0.0)
-    y = np.tile(np.arange(K), 60)
-    ts = np.linspace(0, 2, 41)
-    hits = np.zeros(K + 3)
-    done = 0
-    while done < replicates:
-        Rb = min(25, replicates - done)
-        rng = np.random.default_rng(2000 + done)
-        mu = 2.0 + 3.0 * (np.eye(K) - 1.0 / K)
-        x0 = mu[y][None] + 0.5 * rng.standard_normal((Rb, y.size, K))
-        sol = simulate(m.LESDE(y, imp, "identity", sigma=0.3, dim=K), x0, ts, ts[1], seed=done)
-        for r in range(Rb):
-            est = RegressionEstimator("identity", window=20, n_bootstrap=60, seed=done).fit(
-                Trajectory(ts, sol.states[:, r], y))
-            ci = est.E_ci_[:, 0, 0]
-            band = est.bands_["alpha"][:, 0]
-            hits += np.concatenate([(ci[0] <= E0[0]) & (E0[0] <= ci[1]),
-                                    [est.alpha_ci_[0, 0] <= alpha <= est.alpha_ci_[1, 0],
-                                     est.beta_ci_[0, 0] <= beta <= est.beta_ci_[1, 0],
-                                     band[0] <= alpha <= band[1]]])
-            done += 1
-    names = [f"E[0,{k}] (least squares)" for k in range(K)] + [
-        "alpha (least squares)", "beta (least squares)", "alpha (sample bootstrap)"]
-    cov = dict(zip(names, (hits / done).tolist()))
-    out["RegressionEstimator"] = cov
-    print(f"RegressionEstimator, {done} fits: " + ", ".join(f"{k} {v:.2f}" for k, v in cov.items())
-          + f"   ({time.perf_counter() - t0:.0f} s)")
-
-    out["RegressionEstimator cross_entropy"] = _coverage_cross_entropy(replicates)
+    for name, v in truth.items():
+        b = band[name][:, idx]
+        out[name] = ((b[0] <= v) & (v <= b[1])).reshape(-1)
     return out
 
 
-def _coverage_cross_entropy(replicates, K=3, npop=300, m_tr=40, R=4, sigma=0.2):
+def run_cell(c: dict, reps: int, seed: int, n_boot: int = 40) -> dict:
     t0 = time.perf_counter()
-    alpha, beta = 1.0, 0.3
-    imp = m.Impacts.intra_inter(alpha, beta, K)
-    E0 = imp.matrix(0.0)
-    y = np.tile(np.arange(K), npop)
-    ts = np.linspace(0, 4, 41)
-    hits = np.zeros(6)
-    for rep in range(replicates):
-        rng = np.random.default_rng(3000 + rep)
-        x0 = 0.5 * rng.standard_normal((R, y.size, K)) + rng.standard_normal((R, 1, K))
-        sol = simulate(m.LESDE(y, imp, "cross_entropy", sigma=sigma), x0, ts, ts[1], seed=rep)
-        idx = np.concatenate([rng.choice(np.flatnonzero(y == k), m_tr, replace=False)
-                              for k in range(K)])
-        tr = Trajectory(ts, np.swapaxes(sol.states[:, :, idx], 0, 1), y[idx])
-        est = RegressionEstimator("cross_entropy", window=len(ts) - 1, n_bootstrap=100,
-                                  bootstrap="samples", seed=rep).fit(tr)
-        bE, ci = est.bands_["E"][:, 0], est.E_ci_[:, 0]
-        ba, bb = est.bands_["alpha"][:, 0], est.bands_["beta"][:, 0]
-        hits += [np.mean((bE[0] <= E0) & (E0 <= bE[1])), ba[0] <= alpha <= ba[1],
-                 bb[0] <= beta <= bb[1], np.mean((ci[0] <= E0) & (E0 <= ci[1])),
-                 est.alpha_ci_[0, 0] <= alpha <= est.alpha_ci_[1, 0],
-                 est.beta_ci_[0, 0] <= beta <= est.beta_ci_[1, 0]]
-    names = ["E, each entry (sample bootstrap)", "alpha (sample bootstrap)",
-             "beta (sample bootstrap)", "E, each entry (least squares)", "alpha (least squares)",
-             "beta (least squares)"]
-    cov = dict(zip(names, (hits / replicates).tolist()))
-    print(f"RegressionEstimator cross_entropy, {replicates} fits: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in cov.items())
-          + f"   ({time.perf_counter() - t0:.0f} s)")
-    return cov
+    tq, truth = _targets(c)
+    logs = simulate_logs(c, reps, seed)
+    idx = np.searchsorted(logs[0].ts, tq - 1e-9)
+    methods = ["sandwich"] + (["parametric basic", "parametric normal", "parametric percentile"]
+                              if c["parametric"] else [])
+    hits = {mth: {name: np.zeros(v.size) for name, v in truth.items()} for mth in methods}
+    width = {mth: {name: [] for name in truth} for mth in methods}
+    err, fit_s, boot_s, warned = {name: [] for name in truth}, [], [], 0
+    for r, tr in enumerate(logs):
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            est = _estimator(c, bootstrap="sandwich", seed=r).fit(tr)
+        warned += any("not identified" in str(x.message) for x in w)
+        fit_s.append(time.perf_counter() - t1)
+        q = est.quantities(est.theta_)
+        for name, v in truth.items():
+            err[name].append((q[name][idx] - v).reshape(-1))
+        for name, hit in _cover(est, est.bands_, tq, truth, idx).items():
+            hits["sandwich"][name] += hit
+            width["sandwich"][name].append(np.diff(est.bands_[name][:, idx], axis=0).ravel())
+        if c["parametric"]:
+            t1 = time.perf_counter()
+            pb = copy.copy(est)
+            pb.n_bootstrap, pb.bands_, pb.se_ = n_boot, {}, {}
+            pb.seed = 10_000 + r
+            shooting_bands(pb, tr, "parametric")
+            reps_q = pb.quantities(pb.bootstrap_theta_)
+            boot_s.append(time.perf_counter() - t1)
+            for interval in ("basic", "normal", "percentile"):
+                band = {name: band_from_replicates(q[name], reps_q[name], 0.95, interval)
+                        for name in truth}
+                for name, hit in _cover(pb, band, tq, truth, idx).items():
+                    hits[f"parametric {interval}"][name] += hit
+                    width[f"parametric {interval}"][name].append(
+                        np.diff(band[name][:, idx], axis=0).ravel())
+    out = {"cell": c, "replicates": reps, "times": tq.tolist(),
+           "truth": {k: v.tolist() for k, v in truth.items()},
+           "coverage": {mth: {name: (h / reps).tolist() for name, h in hv.items()}
+                        for mth, hv in hits.items()},
+           "coverage_min": {mth: float(min(np.min(h) for h in hv.values()) / reps)
+                            for mth, hv in hits.items()},
+           "coverage_mean": {mth: float(np.mean(np.concatenate(list(hv.values()))) / reps)
+                             for mth, hv in hits.items()},
+           "mean_width": {mth: {name: np.mean(np.stack(wv), axis=0).tolist()
+                                for name, wv in wd.items()} for mth, wd in width.items()},
+           "bias": {name: np.mean(np.stack(e), axis=0).tolist() for name, e in err.items()},
+           "sd": {name: np.std(np.stack(e), axis=0, ddof=1).tolist() for name, e in err.items()},
+           "not_identified_warnings": int(warned),
+           "fit_seconds_median": float(np.median(fit_s)),
+           "bootstrap_seconds_median": float(np.median(boot_s)) if boot_s else None,
+           "cell_seconds": time.perf_counter() - t0}
+    return out
+
+
+def coverage(args) -> dict:
+    cells = _cells()
+    names = list(cells) if not args.cells else [n.strip() for n in args.cells.split(";")]
+    results = {}
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as fh:
+            results = json.load(fh)
+    results.setdefault("cells", {})
+    results.update({"machine": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads()})
+    for name in names:
+        if name in results["cells"] and results["cells"][name]["replicates"] >= args.replicates:
+            continue
+        res = run_cell(cells[name], args.replicates, seed=zlib.crc32(name.encode()) % 10 ** 6)
+        results["cells"][name] = res
+        print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
+            f"{mth}: min {res['coverage_min'][mth]:.3f} mean {res['coverage_mean'][mth]:.3f}"
+            for mth in res["coverage_min"]) + f"  ({res['cell_seconds']:.0f} s)", flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(results, fh, indent=1)
+    return results
+
+
+# ============================================================================================
+# noise-free exactness at coarse logging, beside the previous estimators
+# ============================================================================================
+def exact_log(field, profile, T, D, R=1, n=5, seed=0):
+    """A noise-free log (R, T, N, p) of the LE-SDE by scipy DOP853 (rtol 1e-11)."""
+    from scipy.integrate import solve_ivp
+
+    if profile == "pwl":
+        kn = np.linspace(0, D, 5)
+        av, bv = (np.array([4.0, 6.0, 3.0, 2.5, 2.0]), np.array([1.0, 2.0, 0.5, 1.0, 0.4]))
+        if field != "cross_entropy":
+            av, bv = av / 4, bv / 4
+        imp = m.Impacts.intra_inter(lambda t: float(np.interp(t, kn, av)),
+                                    lambda t: float(np.interp(t, kn, bv)), K)
+    elif profile == "full":
+        E0 = np.array([[1.0, 0.3, -0.2], [0.1, 0.8, 0.4], [0.5, -0.3, 1.2]])
+        imp = m.Impacts(E0 * (4.0 if field == "cross_entropy" else 0.8))
+    else:
+        imp, _ = _impacts(field, profile)
+    y = np.tile(np.arange(K), n)
+    rng = np.random.default_rng(seed)
+    x0 = _mu0(field)[y][None] + 0.5 * rng.standard_normal((R, y.size, K))
+    if R > 1:
+        x0 = x0 + rng.standard_normal((R, 1, K))
+    sde = m.LESDE(y, imp, field, dim=K)
+    ts = np.linspace(0, D, T)
+    out = []
+    for r in range(R):
+        sol = solve_ivp(lambda t, z: sde.drift(z.reshape(1, -1, K), t).reshape(-1), (0, D),
+                        x0[r].ravel(), t_eval=ts, method="DOP853", rtol=1e-11, atol=1e-12)
+        out.append(sol.y.T.reshape(T, -1, K))
+    return Trajectory(ts, np.stack(out), y), imp
+
+
+def exactness_table(verbose=True) -> list:
+    """Relative error of E at the knots: shooting vs the previous estimators, coarse logs."""
+    rows = []
+    cases = []
+    for field in ("identity", "label_projection", "cross_entropy"):
+        D = SETUP[field]["D"]
+        T = 9
+        for form, profile, matrix, R in (("constant", "constant", "intra_inter", 1),
+                                         ("power_law", "power_law", "intra_inter", 1),
+                                         ("piecewise_linear", "pwl", "intra_inter", 1),
+                                         ("constant", "full", "full", 4)):
+            cases.append((field, form, profile, matrix, R, D, T))
+    for field, form, profile, matrix, R, D, T in cases:
+        tr, imp = exact_log(field, profile, T, D, R=R)
+        knots = np.linspace(0, D, 5) if form == "piecewise_linear" else None
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = ShootingEstimator(field, matrix=matrix, time=form, knots=knots, noise="none",
+                                    bootstrap="none").fit(tr)
+        sec = time.perf_counter() - t0
+        tt = tr.ts[:-1]
+        truth = np.stack([imp.matrix(t) for t in tt])
+        scale = np.abs(truth).max()
+        e_shoot = float(np.abs(est.quantities(est.theta_)["E"][:-1] - truth).max() / scale)
+        row = {"field": field, "form": form, "matrix": matrix, "trials": R, "T": T,
+               "shooting": e_shoot, "seconds": sec}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, kw in (("regression (left, degree 0)", dict(quadrature="left", degree=0)),
+                             ("regression (trapezoid, degree 1)", {})):
+                reg = RegressionEstimator(field, window=4, n_bootstrap=0, **kw).fit(tr)
+                tw = reg.window_times_
+                tru = np.stack([imp.matrix(t) for t in tw])
+                got = reg.E_ if matrix == "full" else np.stack(
+                    [(a - b) * np.eye(K) + b for a, b in zip(reg.alpha_, reg.beta_)])
+                row[name] = float(np.abs(got - tru).max() / scale)
+            if matrix == "intra_inter" and field != "cross_entropy":
+                Est = IEstimator if field == "identity" else LEstimator
+                me = Est(n_bootstrap=0).fit(tr)
+                tru = np.stack([imp.matrix(t) for t in tr.ts])
+                got = np.stack([(a - b) * np.eye(K) + b for a, b in zip(me.alpha_, me.beta_)])
+                row["I/L-estimator alpha = dA/dt"] = float(np.abs(got - tru).max() / scale)
+        rows.append(row)
+        if verbose:
+            print(f"{field:17s} {form:17s} {matrix:11s} R={R}: shooting {e_shoot:.1e}  "
+                  + "  ".join(f"{k} {v:.1e}" for k, v in row.items()
+                              if k.startswith(("regression", "I/L"))) + f"  ({sec:.1f} s)")
+    return rows
+
+
+# ============================================================================================
+# timing at real-log size
+# ============================================================================================
+def timing(args) -> dict:
+    out = {}
+    for Kc in (3, 10):
+        y = np.tile(np.arange(Kc), 100)
+        rng = np.random.default_rng(0)
+        x0 = 0.5 * rng.standard_normal((y.size, Kc)) + np.linspace(1.0, -1.0, Kc)
+        ts = np.linspace(0.0, 20.9, 132)
+        sde = m.LESDE(y, m.Impacts.intra_inter(2.0, 0.5, Kc), "cross_entropy", sigma=0.3)
+        sol = simulate(sde, x0, ts, 0.02, seed=0)
+        tr = Trajectory(ts, sol.states[:, 0], y)
+        row = {}
+        for band, nb, jobs in (("sandwich", 0, 1), ("parametric", 200, 2)):
+            t0 = time.perf_counter()
+            est = ShootingEstimator("cross_entropy", bootstrap=band, n_bootstrap=nb,
+                                    n_jobs=jobs).fit(tr)
+            row[band] = time.perf_counter() - t0
+            print(f"K = {Kc:2d}, T = 132, 100 per class: shooting fit with {band} band"
+                  + (f" ({nb} refits over {jobs} processes)" if nb else "")
+                  + f": {row[band]:.1f} s ({est.n_evals_} evaluations, "
+                  f"{est.n_substeps_} RK4 sub-steps)", flush=True)
+        out[f"K={Kc}"] = row
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch / BLAS threads (set OMP_NUM_THREADS too)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--replicates", type=int, default=100)
-    parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("job", choices=("exact", "timing", "coverage"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--replicates", type=int, default=120)
+    parser.add_argument("--cells", default=None, help="semicolon-separated cell names")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads}
-    if not args.skip_timing:
-        results["timing"] = _timing(args.repeats)
-    if not args.skip_coverage:
-        results["coverage"] = _coverage(args.replicates)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    if args.job == "exact":
+        res = exactness_table()
+    elif args.job == "timing":
+        res = timing(args)
+    else:
+        res = coverage(args)
+    if args.out and args.job != "coverage":
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -2057,177 +2057,354 @@ def _run_reconcile(args):
 # --------------------------------------------------------------------------------------------
 # subcommands (fitting the SDE to logged training)
 # --------------------------------------------------------------------------------------------
+_FIT_ESTIMATORS = ("shooting", "i", "l", "regression")
+
+
 @_subcommand
 def _add_fit(sub):
     p = sub.add_parser(
         "fit",
-        help="fit the LE-SDE impacts to a logged training run (a trajectory store)",
-        description="Estimate A(t), B(t), alpha(t), beta(t) (I- and L-estimators) and the K x K "
-        "impact matrix E(t) (windowed regression) from the tracked samples of a trajectory "
-        "store, with bootstrap bands; optionally simulate the fitted SDE and compare "
-        "(Zhang, Wang & Su, NeurIPS 2021). Results go to --out as CSV and JSON.",
+        help="fit the LE-SDE to a log: a trajectory store, a lesde simulate file or an .npz",
+        description="Fit the impacts E(t) of the LE-SDE to logged per-sample trajectories by "
+        "trajectory matching (multiple shooting, the default), with the noise (additive sigma(t) "
+        "and the SGD noise's learning rate) and bands; optionally the closed-form I/L "
+        "estimators and the windowed regression beside it; a held-out model comparison (I, L, "
+        "cross-entropy, cross-entropy + additive noise); both tail indices of A(t). Prints "
+        "alpha, beta with bands and the model table; writes CSV, JSON and figures to --out.",
     )
-    p.add_argument("store", nargs="+",
-                   help="trajectory store directory written by train_and_track; several stores "
-                   "(runs with other seeds, same log times and tracked labels) are fitted as "
-                   "independent trials, which identifies the full E of the cross-entropy field")
+    p.add_argument("log", nargs="+",
+                   help="a trajectory store directory, a `lesde simulate` solution (.npz), or an "
+                   ".npz with features (T, N, p) or (R, T, N, p), labels (N,) and ts (T,); "
+                   "several logs (same times and tracked labels) are fitted as independent trials")
     p.add_argument("--out", default="fit_out", help="output directory")
-    p.add_argument("--what", choices=("logits", "features"), default="logits",
-                   help="which logged array is X (default logits)")
-    p.add_argument("--split", choices=("train", "test", "all"), default="train",
+    d = p.add_argument_group("data")
+    d.add_argument("--what", choices=("logits", "features"), default="logits",
+                   help="which logged array is X (stores; .npz: the array of this name, else "
+                   "'features'; default logits)")
+    d.add_argument("--split", choices=("train", "test", "all"), default="train",
                    help="which tracked samples (default train)")
-    p.add_argument("--estimators", default="i,l,regression",
-                   help="comma-separated subset of i, l, regression (l needs p = K)")
-    p.add_argument("--field", default=None,
-                   help="drift field of the regression and of the simulated SDE: identity, "
-                   "label_projection, cross_entropy (default: cross_entropy for logits, identity "
-                   "for features)")
-    p.add_argument("--sg-window", type=int, default=None,
-                   help="Savitzky-Golay window for alpha, beta (odd; default: the odd number "
-                   "nearest T/10, at least 5)")
-    p.add_argument("--reg-window", type=int, default=None,
-                   help="increments per regression window (default max(5, (T-1)//20))")
-    p.add_argument("--degree", type=int, default=0,
-                   help="polynomial degree in time of E inside a regression window")
-    p.add_argument("--quadrature", choices=("left", "trapezoid"), default="left",
-                   help="rule for the integral of the drift over a log interval: left point "
-                   "(exact for one step per log entry, unbiased with noise) or trapezoid "
-                   "(second order on smooth, coarsely logged paths)")
-    p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
-    p.add_argument("--bootstrap", default="auto", choices=("auto", "samples", "trials", "both", "none"))
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
-    p.add_argument("--on-empty", choices=("raise", "nan"), default="nan",
-                   help="times where no ratio is usable (sign changes): NaN (default) or error")
-    p.add_argument("--tail", type=float, default=0.5,
-                   help="fraction of the log-time range used for the tail index of A")
-    p.add_argument("--gof-paths", type=int, default=0,
-                   help="simulate this many paths of each fitted SDE and compare (0: skip)")
-    p.add_argument("--gof-noise", choices=("sgd", "additive", "both", "none"), default="sgd",
-                   help="noise of the simulated SDE: SGD sampling noise at the run's lr (default), "
-                   "additive at the fitted sigma, both, or none")
+    d.add_argument("--lr", type=float, default=None,
+                   help="the run's learning rate, to count time in SGD iterations for the "
+                   "paper's tail index (default: a store's config; .npz: the lr-scaled time is "
+                   "read as is)")
+    m = p.add_argument_group("model (trajectory matching)")
+    m.add_argument("--field", default=None,
+                   help="drift field: identity, label_projection, cross_entropy (default: "
+                   "cross_entropy when p = K, else identity)")
+    m.add_argument("--matrix", choices=("intra_inter", "full"), default="intra_inter",
+                   help="E = (alpha - beta) I + beta 11^T (default) or a full K x K matrix")
+    m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
+                   default="piecewise_linear", help="how E depends on t (default piecewise_linear)")
+    m.add_argument("--knots", default=None,
+                   help="piecewise-linear knots: a number (equally spaced, default 11) or a "
+                   "comma list of times")
+    m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law (1.0)")
+    m.add_argument("--noise", choices=("both", "additive", "sgd", "none"), default="both",
+                   help="noise model of the weights and the parametric bootstrap (default both)")
+    b = p.add_argument_group("bands")
+    b.add_argument("--bootstrap", default="auto",
+                   choices=("auto", "sandwich", "parametric", "samples", "trials", "both", "none"),
+                   help="band method (default auto: parametric bootstrap when --n-bootstrap > 0)")
+    b.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (200)")
+    b.add_argument("--interval", choices=("basic", "percentile", "normal"), default="basic")
+    b.add_argument("--level", type=float, default=0.95, help="level of the bands (0.95)")
+    b.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap refits")
+    b.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                   help="run the bootstrap refits on this Dask scheduler")
+    o = p.add_argument_group("other estimators and checks")
+    o.add_argument("--estimators", default="shooting",
+                   help="comma-separated subset of shooting, i, l, regression (default shooting)")
+    o.add_argument("--sg-window", type=float, default=None,
+                   help="I/L estimators: width in time units of the local quadratic for "
+                   "alpha = dA/dt (default 4 median log intervals)")
+    o.add_argument("--reg-window", type=int, default=None,
+                   help="regression: increments per window (default max(5, (T-1)//20))")
+    o.add_argument("--degree", type=int, default=1, help="regression: degree of E in a window")
+    o.add_argument("--quadrature", choices=("trapezoid", "left"), default="trapezoid",
+                   help="regression: quadrature rule over a log interval")
+    o.add_argument("--on-reversed", choices=("abs", "nan", "raise"), default="abs",
+                   help="I/L estimators: a mode turned against its start (default: magnitude)")
+    o.add_argument("--tail", type=float, default=0.5,
+                   help="log-log tail index: fraction (0, 1] of the log-time range (0.5)")
+    o.add_argument("--tail-iterations", type=float, default=1000.0,
+                   help="the paper's tail index: the last this-many SGD iterations (1000)")
+    o.add_argument("--compare", type=float, default=0.5, metavar="FRACTION",
+                   help="held-out model comparison: fit on this fraction of the run, score the "
+                   "rest (0: skip; default 0.5)")
+    o.add_argument("--compare-paths", type=int, default=50,
+                   help="simulated paths per model of the comparison (50)")
+    o.add_argument("--gof-paths", type=int, default=0,
+                   help="simulate this many paths of each fitted SDE over the whole log (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(func=_run_fit)
+
+
+def _check_fit_args(args) -> list:
+    """Every bad argument of ``lesde fit`` is a ValueError before any work starts."""
+    names = [s.strip().lower() for s in args.estimators.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(_FIT_ESTIMATORS))
+    if unknown or not names:
+        raise ValueError(f"--estimators: unknown {unknown or 'empty'}; use "
+                         f"{', '.join(_FIT_ESTIMATORS)}")
+    checks = [
+        (0 < args.tail <= 1, f"--tail must be a fraction in (0, 1], got {args.tail}"),
+        (args.tail_iterations > 0,
+         f"--tail-iterations must be positive, got {args.tail_iterations}"),
+        (args.n_bootstrap >= 0, f"--n-bootstrap must be >= 0, got {args.n_bootstrap}"),
+        (0 < args.level < 1, f"--level must be in (0, 1), got {args.level}"),
+        (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
+        (args.gof_paths == 0 or args.gof_paths >= 2,
+         f"--gof-paths must be 0 or >= 2, got {args.gof_paths}"),
+        (args.compare == 0 or 0 < args.compare < 1,
+         f"--compare must be 0 or a fraction in (0, 1), got {args.compare}"),
+        (args.compare_paths >= 2, f"--compare-paths must be >= 2, got {args.compare_paths}"),
+        (args.t0 > 0, f"--t0 must be positive, got {args.t0}"),
+        (args.sg_window is None or args.sg_window > 0,
+         f"--sg-window must be a positive width in time units, got {args.sg_window}"),
+        (args.reg_window is None or args.reg_window >= 1,
+         f"--reg-window must be >= 1, got {args.reg_window}"),
+        (args.degree >= 0, f"--degree must be >= 0, got {args.degree}"),
+        (args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (not (args.bootstrap in ("samples", "trials", "both", "parametric")
+              and args.n_bootstrap < 2),
+         f"--bootstrap {args.bootstrap} needs --n-bootstrap >= 2"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if args.knots is not None:
+        try:
+            vals = [float(v) for v in str(args.knots).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--knots must be a number or a comma list of times, got "
+                             f"{args.knots!r}") from None
+        if not vals or (len(vals) == 1 and (vals[0] < 1 or vals[0] != int(vals[0]))):
+            raise ValueError(f"--knots must be a positive integer or a list of times, got "
+                             f"{args.knots!r}")
+        args.knots = int(vals[0]) if len(vals) == 1 else vals
+    return names
 
 
 def _run_fit(args):
     import csv
     import json
     import os
+    import warnings
 
     import numpy as np
 
     from . import fit as lf
-    from .tracking import load_store
+
+    names = _check_fit_args(args)
 
     def write_csv(name, columns):
         keys = list(columns)
         rows = np.column_stack([np.asarray(columns[k], dtype=float) for k in keys])
-        with open(os.path.join(args.out, name), "w", newline="") as f:
+        path = os.path.join(args.out, name)
+        with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(keys)
             w.writerows(rows.tolist())
+        written.append(path)
 
-    stores = [load_store(path) for path in args.store]
+    def clean(v):  # strict JSON: NaN / inf -> null
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return clean(v.tolist())
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    from .tracking import load_store
+
+    stores = [load_store(p) if os.path.isdir(p) else None for p in args.log]
+    srcs = [s if s is not None else p for s, p in zip(stores, args.log)]
+    traj = lf.as_trajectory(srcs if len(srcs) > 1 else srcs[0], what=args.what, split=args.split)
     store = stores[0]
-    traj = lf.as_trajectory(stores if len(stores) > 1 else store, what=args.what,
-                            split=args.split)
-    names = [s.strip().lower() for s in args.estimators.split(",") if s.strip()]
-    unknown = sorted(set(names) - {"i", "l", "regression"})
-    if unknown:
-        raise ValueError(f"--estimators: unknown {unknown}; use i, l, regression")
-    field = args.field or ("cross_entropy" if args.what == "logits" else "identity")
+    client = None
+    if args.dask_scheduler:
+        from distributed import Client
+
+        client = Client(args.dask_scheduler)
+    field = args.field or ("cross_entropy" if traj.p == traj.K else "identity")
     os.makedirs(args.out, exist_ok=True)
-    summary = {"store": "+".join(os.path.basename(os.path.normpath(path)) for path in args.store),
-               "trials": traj.R, "what": args.what,
+    written = []
+    run_name = "+".join(os.path.splitext(os.path.basename(os.path.normpath(p)))[0]
+                        for p in args.log)
+    lr_run = args.lr if args.lr is not None else (store.config.lr if store is not None else None)
+    summary = {"log": run_name, "store": run_name, "trials": traj.R, "what": args.what,
                "split": args.split, "T": traj.T, "N": traj.N, "p": traj.p, "K": traj.K,
                "field": field, "n_bootstrap": args.n_bootstrap, "seed": args.seed,
                "level": args.level, "estimators": {}}
+    print(f"lesde fit: {run_name}: {traj!r}, {field} drift")
     fitted = {}
-    common = dict(n_bootstrap=args.n_bootstrap, bootstrap=args.bootstrap, level=args.level, seed=args.seed)
     for name in names:
         if name == "l" and traj.p != traj.K:
             print(f"lesde fit: skipping the L-estimator (p = {traj.p} != K = {traj.K})")
             continue
-        if name in ("i", "l"):
+        if name == "shooting":
+            est = lf.ShootingEstimator(
+                field, matrix=args.matrix, time=args.time, knots=args.knots, t0=args.t0,
+                noise=args.noise, bootstrap=args.bootstrap, n_bootstrap=args.n_bootstrap,
+                interval=args.interval, level=args.level, seed=args.seed, n_jobs=args.jobs,
+                client=client).fit(traj)
+            write_csv("shooting.csv", est.results())
+            info = est.summary()
+            info["alpha"], info["beta"] = est.alpha_, est.beta_
+            for k in ("alpha", "beta", "A", "B"):
+                if k in est.bands_:
+                    info[f"{k}_band"] = est.bands_[k]
+            info["A_final"], info["B_final"] = float(est.A_[-1]), float(est.B_[-1])
+            info["sigma"], info["lr_fitted"] = est.sigma_, est.lr_
+        elif name in ("i", "l"):
             Est = lf.IEstimator if name == "i" else lf.LEstimator
-            est = Est(window=args.sg_window, on_empty=args.on_empty, **common).fit(traj)
+            est = Est(window=args.sg_window, on_reversed=args.on_reversed,
+                      n_bootstrap=args.n_bootstrap, level=args.level, seed=args.seed).fit(traj)
             write_csv(f"{name}_estimator.csv", est.results())
-            ok = np.isfinite(est.alpha_) & np.isfinite(est.beta_)
             info = {"A_final": float(est.A_[-1]), "B_final": float(est.B_[-1]),
-                    "window": int(est.window_),
-                    "fraction_times_usable": float(np.mean(np.isfinite(est.A_)))}
-            if ok.any():
-                i_max = int(np.flatnonzero(ok)[np.argmax(est.alpha_[ok])])
-                info.update(alpha_max=float(est.alpha_[i_max]), t_alpha_max=float(est.ts_[i_max]),
-                            fraction_alpha_gt_beta=float(np.mean(est.alpha_[ok] > est.beta_[ok])))
-            try:
-                info["tail_index_A"] = est.tail_index(tail=args.tail)
-            except ValueError as exc:
-                info["tail_index_A"] = str(exc)
+                    "window": float(est.window_), "reversed_times": int(est.n_reversed_),
+                    "fraction_alpha_gt_beta": float(np.mean(est.alpha_ > est.beta_))}
             if est.bands_:
                 info["A_final_band"] = est.bands_["A"][:, -1].tolist()
                 info["B_final_band"] = est.bands_["B"][:, -1].tolist()
         else:
-            est = lf.RegressionEstimator(field, window=args.reg_window, degree=args.degree,
-                                         quadrature=args.quadrature, **common).fit(traj)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                est = lf.RegressionEstimator(field, window=args.reg_window, degree=args.degree,
+                                             quadrature=args.quadrature,
+                                             n_bootstrap=args.n_bootstrap, level=args.level,
+                                             seed=args.seed).fit(traj)
             write_csv("regression.csv", est.results())
-            info = {"window": int(est.window_), "alpha": est.alpha_.tolist(), "beta": est.beta_.tolist(),
-                    "sigma": est.sigma_.tolist(), "condition_max": float(np.max(est.condition_)),
+            info = {"window": int(est.window_), "alpha": est.alpha_, "beta": est.beta_,
+                    "sigma": est.sigma_, "condition_max": float(np.max(est.condition_)),
                     "fraction_alpha_gt_beta": float(np.mean(est.alpha_ > est.beta_))}
+        if name in ("shooting", "i", "l"):
+            info["tail_index"] = _tail_indices(est, args, lr_run)
         fitted[name] = est
         summary["estimators"][name] = info
-        print(f"lesde fit: {type(est).__name__} done")
+    if "shooting" in fitted:
+        _print_headline(fitted["shooting"], args.level)
+    for name, est in fitted.items():
+        if name in ("i", "l"):
+            band = est.bands_.get("A")
+            txt = f" [{band[0, -1]:.4g}, {band[1, -1]:.4g}]" if band is not None else ""
+            print(f"{type(est).__name__}: A(T) = {est.A_[-1]:.4g}{txt}, B(T) = {est.B_[-1]:.4g}")
+        if "tail_index" in summary["estimators"].get(name, {}):
+            ti = summary["estimators"][name]["tail_index"]
+            print(f"{type(est).__name__} tail index of A: " + ", ".join(
+                f"{k} {v['r']:.3f}" if isinstance(v, dict) else f"{k}: {v}"
+                for k, v in ti.items()))
     measured = None
-    try:
-        measured = store.impacts()
-        write_csv("measured_impacts.csv", {"t": measured["time"], "alpha": measured["alpha"],
-                                           "beta": measured["beta"]})
-        summary["measured_impacts"] = "measured_impacts.csv"
-    except ValueError:
-        pass
+    if store is not None:
+        try:
+            measured = store.impacts()
+            write_csv("measured_impacts.csv", {"t": measured["time"], "alpha": measured["alpha"],
+                                               "beta": measured["beta"]})
+            summary["measured_impacts"] = "measured_impacts.csv"
+        except ValueError:
+            pass
+    if args.compare > 0:
+        cmp_ = lf.compare_models(traj, fit_fraction=args.compare, n_paths=args.compare_paths,
+                                 seed=args.seed,
+                                 estimator_kwargs={"matrix": args.matrix, "time": args.time,
+                                                   "knots": args.knots, "t0": args.t0})
+        summary["model_comparison"] = {"t_split": cmp_.t_split, "rows": cmp_.rows}
+        path = os.path.join(args.out, "model_table.md")
+        with open(path, "w") as fh:
+            fh.write(str(cmp_) + "\n")
+        written.append(path)
+        print(str(cmp_))
     from .figures import plot_fit, plot_goodness_of_fit
 
-    run_name = summary["store"]
+    class_names = store.class_names if store is not None else None
     if fitted:
-        plot_fit(traj.ts, fitted, measured, os.path.join(args.out, "fit.png"),
-                 title=f"{run_name}: {args.what} of the tracked {args.split} samples")
+        path = plot_fit(traj.ts, fitted, measured, os.path.join(args.out, "fit.png"),
+                        title=f"{run_name}: {args.what} of the tracked {args.split} samples")
+        written.append(path)
         summary["figures"] = ["fit.png"]
     if args.gof_paths > 0:
-        gof_field = {"i": "identity", "l": "label_projection", "regression": field}
         summary["goodness_of_fit"] = {}
+        primary = next(n for n in ("shooting", "regression", "i", "l") if n in fitted)
         for name, est in fitted.items():
             if name in ("i", "l") and not np.isfinite(est.alpha_).any():
-                continue  # no usable alpha(t) to simulate
-            lr = store.config.lr if args.gof_noise in ("sgd", "both") else None
-            gof = lf.goodness_of_fit(traj, est, gof_field[name], n_paths=args.gof_paths, seed=args.seed,
-                                     level=args.level, noise=args.gof_noise, lr=lr)
+                continue
+            gof = lf.goodness_of_fit(traj, est, n_paths=args.gof_paths, seed=args.seed,
+                                     level=args.level)
             summary["goodness_of_fit"][name] = gof.summary()
-            np.savez_compressed(os.path.join(args.out, f"gof_{name}.npz"), ts=gof.ts,
-                                logged_means=gof.logged_means, sim_means=gof.sim_means, sim_lo=gof.sim_lo,
-                                sim_hi=gof.sim_hi, logged_spread=gof.logged_spread,
-                                sim_spread=gof.sim_spread, logged_accuracy=gof.logged_accuracy,
+            npz = os.path.join(args.out, f"gof_{name}.npz")
+            np.savez_compressed(npz, ts=gof.ts, logged_means=gof.logged_means,
+                                sim_means=gof.sim_means, sim_lo=gof.sim_lo, sim_hi=gof.sim_hi,
+                                logged_spread=gof.logged_spread, sim_spread=gof.sim_spread,
+                                logged_accuracy=gof.logged_accuracy,
                                 sim_accuracy=gof.sim_accuracy)
-            primary = next(n for n in ("regression", "i", "l") if n in fitted)
+            written.append(npz)
             png = "goodness_of_fit.png" if name == primary else f"goodness_of_fit_{name}.png"
-            plot_goodness_of_fit(gof, os.path.join(args.out, png), class_names=store.class_names,
-                                 title=f"{run_name}: {type(est).__name__} ({gof_field[name]} "
-                                 f"drift, {args.gof_noise} noise)")
+            written.append(plot_goodness_of_fit(
+                gof, os.path.join(args.out, png), class_names=class_names,
+                title=f"{run_name}: {type(est).__name__} ({gof.model['field']} drift, "
+                f"{gof.model['noise']} noise)"))
             summary.setdefault("figures", []).append(png)
-
-    def clean(v):  # strict JSON: NaN / inf -> null
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (float, np.floating)):
-            return float(v) if np.isfinite(v) else None
-        return v
-
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    path = os.path.join(args.out, "summary.json")
+    with open(path, "w") as f:
         json.dump(clean(summary), f, indent=2)
-    print(f"lesde fit: results in {args.out}")
+    written.append(path)
+    if client is not None:
+        client.close()
+    print("lesde fit: wrote")
+    for pth in written:
+        print(f"  {pth}")
     return 0
+
+
+def _tail_indices(est, args, lr_run) -> dict:
+    """Both tail indices of A(t): the paper's (time in SGD iterations) and the log-log slope."""
+    out = {}
+    try:
+        out["loglog_slope"] = est.tail_index(tail=args.tail, kind="integral")
+    except ValueError as exc:
+        out["loglog_slope"] = str(exc)
+    if lr_run:
+        try:
+            out["paper"] = est.tail_index(tail=args.tail_iterations, kind="paper",
+                                          time_scale=1.0 / lr_run, time_offset=1.0)
+        except ValueError as exc:
+            out["paper"] = str(exc)
+    else:
+        out["paper"] = "needs the run's learning rate (--lr) to count SGD iterations"
+    return out
+
+
+def _print_headline(est, level):
+    """alpha, beta with bands at the knots (or the logged times of a constant fit)."""
+    import numpy as np
+
+    ts = est.ts_
+    if est.form_.time == "piecewise_linear":
+        idx = np.unique(np.clip(np.searchsorted(ts, est.form_.knots - 1e-12), 0, len(ts) - 1))
+    elif est.form_.time == "constant":
+        idx = np.array([0])
+    else:
+        idx = np.unique(np.linspace(0, len(ts) - 1, 6).astype(int))
+    band = est.bands_
+    method = est.band_method_
+    print(f"ShootingEstimator ({est.form_.matrix}, {est.form_.time}, noise {est.noise_kind_}"
+          + (f", SGD lr {est.lr_:.3g}" if est.lr_ > 0 else "")
+          + (f", median sigma {np.median(est.sigma_):.3g}" if np.any(est.sigma_ > 0) else "")
+          + f"); {level:.0%} bands: {method}")
+    if not est.identified_:
+        print(f"  warning: not identified (condition {est.condition_:.1e}); bands are wide")
+    print(f"  {'t':>9s}  {'alpha':>10s} {'[band]':>23s}  {'beta':>10s} {'[band]':>23s}")
+    for i in idx:
+        a = f"[{band['alpha'][0, i]:.4g}, {band['alpha'][1, i]:.4g}]" if "alpha" in band else ""
+        b = f"[{band['beta'][0, i]:.4g}, {band['beta'][1, i]:.4g}]" if "beta" in band else ""
+        print(f"  {ts[i]:9.4g}  {est.alpha_[i]:10.4g} {a:>23s}  {est.beta_[i]:10.4g} {b:>23s}")
+    print(f"  A(T) = {est.A_[-1]:.4g}, B(T) = {est.B_[-1]:.4g}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -707,28 +707,30 @@ def _fit_curves(est) -> dict:
     return out
 
 
-_FIT_LABELS = {"i": "I-estimator", "l": "L-estimator", "regression": "regression"}
+_FIT_LABELS = {"i": "I-estimator", "l": "L-estimator", "regression": "regression",
+               "shooting": "trajectory matching"}
 
 
 def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
              title: Optional[str] = None, time_unit: str = "t = step x lr") -> str:
     """Fitted impacts of ``lesde fit``: A(t), B(t) and alpha(t), beta(t) of each estimator with
-    its bootstrap band, and the directly measured alpha_hat(t), beta_hat(t).
+    its band, and the directly measured alpha_hat(t), beta_hat(t).
 
-    The I- and L-estimators fit the impacts of the linear models (identity / label-projection
-    drift), the regression estimator those of its own drift field (cross-entropy for logits in
-    ``lesde fit``): the numbers are in different units, so they get separate rows (top: A, B of
-    the I/L fits; middle: their alpha, beta; bottom: the regression's alpha, beta per window
-    with the directly measured alpha_hat, beta_hat, which use the cross-entropy drift's
-    normalisation). Rows without an estimator are left out; with no regression the measured
-    values go on the I/L rate axes.
+    The I- and L-estimators (and any fit with the identity or label-projection field) fit the
+    impacts of the linear models; the trajectory-matching fit and the regression with the
+    cross-entropy field fit those of that field: the numbers are in different units, so they get
+    separate rows (top: A, B of the linear-model fits; middle: their alpha, beta; bottom: the
+    cross-entropy fits' alpha, beta with the directly measured alpha_hat, beta_hat, which use the
+    cross-entropy drift's normalisation). Rows without an estimator are left out; with no
+    cross-entropy fit the measured values go on the linear-model rate axes.
 
     Args:
         ts: (T,) the logged lr-scaled times (sets the time axis).
-        estimates: dict name -> fitted :class:`~lesde.fit.IEstimator`,
-            :class:`~lesde.fit.LEstimator` or :class:`~lesde.fit.RegressionEstimator` (or a dict
-            like their ``results()``; one with ``t_start`` is read as a regression's); names "i",
-            "l", "regression" get readable labels.
+        estimates: dict name -> fitted :class:`~lesde.fit.ShootingEstimator`,
+            :class:`~lesde.fit.IEstimator`, :class:`~lesde.fit.LEstimator` or
+            :class:`~lesde.fit.RegressionEstimator` (or a dict like their ``results()``; one
+            with ``t_start`` is read as a regression's); names "shooting", "i", "l",
+            "regression" get readable labels.
         measured: optional dict with ``time``, ``alpha``, ``beta`` (T',) arrays, e.g.
             ``store.impacts()``; drawn as diamonds.
         path: output PNG.
@@ -742,7 +744,15 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
     ts = np.asarray(ts, dtype=float)
 
     def is_reg(est):
-        return hasattr(est, "window_times_") or (isinstance(est, dict) and "t_start" in est)
+        """Impacts in the units of a non-linear field (cross-entropy): the regression's and the
+        trajectory-matching fit's with such a field; the I/L fits and linear fields otherwise."""
+        if isinstance(est, dict):
+            return "t_start" in est
+        fld = getattr(est, "field", None)
+        if fld is None:
+            return False
+        name = fld if isinstance(fld, str) else getattr(fld, "name", "")
+        return name.lower() not in ("identity", "i", "label_projection", "l")
 
     mode = {n: _fit_curves(e) for n, e in estimates.items() if not is_reg(e)}
     reg = {n: _fit_curves(e) for n, e in estimates.items() if is_reg(e)}
@@ -802,7 +812,7 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
         for ax in axes[r]:
             if ax.get_yscale() == "linear":
                 ax.axhline(0, color="0.5", lw=0.6)
-    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines; shaded: bootstrap "
+    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines; shaded: "
                  "band)" + ("; diamonds: directly measured" if measured is not None else ""),
                  fontsize=10)
     fig.tight_layout()
@@ -896,8 +906,9 @@ def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
     ax.text(0.02, 0.95, "\n".join(nums), va="top", ha="left", fontsize=9, transform=ax.transAxes)
     for k in range(3, ncol):
         axes[1, k].axis("off")
-    fig.suptitle((title + "\n" if title else "") + "fitted SDE simulated from the logged X(0) "
-                 "(dashed, shaded: band) against the log (solid)", fontsize=10)
+    fig.suptitle((title + "\n" if title else "") + "fitted SDE simulated from the logged state "
+                 "at the first time shown (dashed, shaded: band) against the log (solid)",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -150,8 +150,10 @@ def test_bad_estimator_input():
         IEstimator(n_bootstrap=-1).fit(tr)
     with pytest.raises(ValueError, match="level"):
         IEstimator(level=95).fit(tr)
-    with pytest.raises(ValueError, match="window must be odd"):
-        IEstimator(window=4).fit(tr)
+    with pytest.raises(ValueError, match="positive width in time units"):
+        IEstimator(window=-1.0).fit(tr)
+    with pytest.raises(ValueError, match="combine"):
+        IEstimator(combine="mean").fit(tr)
     with pytest.raises(ValueError, match="too few rows"):
         RegressionEstimator(window=1).fit(tr)
     with pytest.raises(ValueError, match="window must be a positive integer"):
@@ -168,22 +170,37 @@ def test_bad_estimator_input():
         RegressionEstimator("cross_entropy").fit(tr)
 
 
-def test_sign_change_rule():
-    """A coordinate whose ratio turns negative is dropped; none left -> error or NaN."""
+def test_sign_changes_lose_no_time():
+    """A coordinate crossing zero costs no logged time (the modes are projected, not divided
+    coordinate by coordinate); a whole mode turning against its start is NaN (or an error)."""
     ts = np.linspace(0, 1, 11)
     x, y = _exact_trajectory(_profile("constant", 3, 0.2), "identity", ts, p=2)
-    full = IEstimator().fit(Trajectory(ts, x, y))
-    x2 = x.copy()
-    x2[6:, :, 1] *= -1.0                      # coordinate 1 flips sign from index 6 on
-    est = IEstimator().fit(Trajectory(ts, x2, y))
-    assert est.n_terms_[0, 0] == 6 and est.n_terms_[0, -1] == 3
-    np.testing.assert_allclose(est.A_, full.A_, rtol=1e-9)   # the remaining terms are exact
+    full = IEstimator(n_bootstrap=0).fit(Trajectory(ts, x, y))
+    # a noisy I-model path whose grand-mean coordinate 1 starts near zero and crosses it
+    K = 3
+    yy = _labels(K, 30)
+    mu = np.array([[2.0, 0.05], [4.0, -1.0], [0.5, 1.0]])
+    x0 = mu[yy] + 0.3 * np.random.default_rng(0).standard_normal((yy.size, 2))
+    sol = simulate(m.LESDE(yy, m.Impacts.intra_inter(1.0, 0.3, K), "identity", sigma=0.3,
+                           dim=2), x0, ts, 0.01, seed=1)
+    grand = sol.class_means[:, 0].mean(1)
+    assert np.any(np.sign(grand[:, 1]) != np.sign(grand[0, 1]))    # a coordinate crosses zero
+    est = IEstimator(n_bootstrap=0).fit(sol)
+    assert np.all(np.isfinite(est.A_)) and np.all(np.isfinite(est.alpha_))
+    assert est.n_reversed_ == 0
+    # the authors' rule (mean of log|ratio|) is exact on exact paths too
+    la = IEstimator(combine="log_abs", n_bootstrap=0).fit(Trajectory(ts, x, y))
+    np.testing.assert_allclose(la.A_, full.A_, rtol=1e-9, atol=1e-12)
     x3 = x.copy()
-    x3[6:] *= -1.0
-    with pytest.raises(ValueError, match="no term is usable"):
-        IEstimator().fit(Trajectory(ts, x3, y))
-    est = IEstimator(on_empty="nan").fit(Trajectory(ts, x3, y))
+    x3[6:] *= -1.0                                  # every mode flips: impossible in the model
+    with pytest.raises(ValueError, match="turned against its start"):
+        IEstimator(on_reversed="raise").fit(Trajectory(ts, x3, y))
+    with pytest.warns(UserWarning, match="at 5 of 11 logged times a mode"):
+        est = IEstimator(n_bootstrap=0, on_reversed="nan").fit(Trajectory(ts, x3, y))
     assert np.all(np.isnan(est.A_[6:])) and np.all(np.isfinite(est.A_[:6]))
+    with pytest.warns(UserWarning, match="magnitude"):       # the default reads |amplitude|
+        est = IEstimator(n_bootstrap=0).fit(Trajectory(ts, x3, y))
+    np.testing.assert_allclose(est.A_, full.A_, rtol=1e-9, atol=1e-12)
 
 
 def test_unbalanced_classes_warn():
@@ -243,12 +260,20 @@ def test_rates_by_savitzky_golay():
     np.testing.assert_allclose(est.beta_, 0.6175, rtol=1e-6)
     imp = _profile("rise", 3)
     x, y = _exact_trajectory(imp, "identity", ts)
-    est = IEstimator(window=7).fit(Trajectory(ts, x, y))
+    est = IEstimator(window=6 * (ts[1] - ts[0])).fit(Trajectory(ts, x, y))   # 7 points
     truth = np.array([imp.alpha(t) for t in ts])
     # a local quadratic has O(h^2 alpha'') bias; the ends (half a window) use one-sided fits
     assert np.max(np.abs(est.alpha_ - truth)[3:-3]) < 0.02 * truth.max()
     assert np.max(np.abs(est.alpha_ - truth)) < 0.05 * truth.max()
-    assert default_window(81) == 9 and default_window(20) == 5 and default_window(4) == 3
+    # the default width is in time: 4 median intervals, whatever the log density
+    assert default_window(ts) == pytest.approx(4 * 0.05)
+    assert default_window(np.linspace(0, 4, 401)) == pytest.approx(4 * 0.01)
+    # a width in time units reproduces scipy's Savitzky-Golay filter on a uniform log
+    from scipy.signal import savgol_filter
+    v = np.sin(ts) + ts ** 3
+    np.testing.assert_allclose(smooth_derivative(ts, v, window=8 * 0.05),
+                               savgol_filter(v, 9, 2, deriv=1, delta=0.05, mode="interp"),
+                               rtol=1e-9, atol=1e-9)
     # non-uniform times: interpolated to a uniform grid and back
     tn = np.sort(np.concatenate([np.linspace(0, 3, 40), [3.07]]))
     np.testing.assert_allclose(smooth_derivative(tn, tn ** 2, window=5)[1:-1], 2 * tn[1:-1],
@@ -290,7 +315,8 @@ def test_regression_exact_on_euler_recursion(field):
     sol = simulate(m.LESDE(y, m.Impacts(E), fld, dim=p), x0, ts, ts[1], seed=0)
     with warnings.catch_warnings():       # the read-out design is ill-conditioned but exact here
         warnings.simplefilter("ignore", UserWarning)
-        est = RegressionEstimator(fld, window=10).fit(sol)
+        est = RegressionEstimator(fld, window=10, quadrature="left", degree=0,
+                                  n_bootstrap=0).fit(sol)
     np.testing.assert_allclose(est.E_, np.broadcast_to(E, est.E_.shape), atol=1e-7)
     assert np.all(est.sigma_ < 1e-6)
 
@@ -306,16 +332,17 @@ def test_regression_time_varying_impacts(kind):
     x0 = 0.5 * np.random.default_rng(0).standard_normal((y.size, K)) + 1.0
     ts = np.linspace(0.02, 2.02, 101)
     sol = simulate(m.LESDE(y, imp, "identity", dim=K), x0, ts, ts[1] - ts[0], seed=0)
-    est = RegressionEstimator("identity", window=10, degree=1).fit(sol)
+    est = RegressionEstimator("identity", window=10, degree=1, quadrature="left").fit(sol)
     truth = np.stack([imp.matrix(t) for t in est.window_times_])
     assert np.max(np.abs(est.E_ - truth) / np.abs(truth).max(axis=(1, 2))[:, None, None]) < 0.05
     fine = simulate(m.LESDE(y, imp, "identity", dim=K), x0, ts, (ts[1] - ts[0]) / 5, seed=0)
-    est = RegressionEstimator("identity", window=10, degree=1).fit(fine)
+    est = RegressionEstimator("identity", window=10, degree=1, quadrature="left").fit(fine)
     assert np.max(np.abs(est.E_ - truth) / np.abs(truth).max(axis=(1, 2))[:, None, None]) < 0.05
     ts = np.linspace(0.05, 10.05, 101)
     sol = simulate(m.LESDE(y, imp, "cross_entropy"), x0, ts, (ts[1] - ts[0]) / 5, seed=0)
     with pytest.warns(UserWarning, match="poorly identified"):   # one trial: E not identified
-        est = RegressionEstimator("cross_entropy", window=5).fit(sol)
+        est = RegressionEstimator("cross_entropy", window=5, quadrature="left", degree=0,
+                                  n_bootstrap=0).fit(sol)
     a = np.array([np.mean([imp.matrix(t)[0, 0] for t in np.linspace(*b, 26)[:-1]])
                   for b in est.window_bounds_])
     b = np.array([np.mean([imp.matrix(t)[0, 1] for t in np.linspace(*bb, 26)[:-1]])
@@ -369,7 +396,8 @@ def test_regression_quadrature_rules_on_exact_linear_path():
         ts = np.linspace(0, 2, n)
         x, y = _exact_trajectory(imp, "identity", ts)
         for rule in errs:
-            est = RegressionEstimator(window=n - 1, quadrature=rule).fit(Trajectory(ts, x, y))
+            est = RegressionEstimator(window=n - 1, quadrature=rule, degree=0,
+                                      n_bootstrap=0).fit(Trajectory(ts, x, y))
             errs[rule].append(np.abs(est.E_[0] - imp.matrix(0.0)).max())
     assert 1.7 < errs["left"][0] / errs["left"][1] < 2.3, errs
     assert 3.4 < errs["trapezoid"][0] / errs["trapezoid"][1] < 4.6, errs
@@ -457,7 +485,8 @@ def test_regression_intervals_cover_truth_replicated():
     E0 = imp.matrix(0.0)
     cov_E, cov_a, cov_b, cov_boot = 0, 0, 0, 0
     for r in range(R):
-        est = RegressionEstimator("identity", window=20, n_bootstrap=60, seed=r).fit(
+        est = RegressionEstimator("identity", window=20, n_bootstrap=60, seed=r,
+                                  quadrature="left", degree=0).fit(
             Trajectory(ts, sol.states[:, r], y))
         cov_E += np.all((est.E_ci_[0, 0, 0] <= E0[0]) & (E0[0] <= est.E_ci_[1, 0, 0]))
         cov_a += est.alpha_ci_[0, 0] <= 1.0 <= est.alpha_ci_[1, 0]
@@ -492,7 +521,8 @@ def test_regression_cross_entropy_bootstrap_covers_truth_replicated():
         idx = np.concatenate([rng.choice(np.flatnonzero(y == k), m_tr, replace=False)
                               for k in range(K)])
         tr = Trajectory(ts, np.swapaxes(sol.states[:, :, idx], 0, 1), y[idx])
-        est = RegressionEstimator("cross_entropy", window=40, n_bootstrap=100,
+        est = RegressionEstimator("cross_entropy", window=40, n_bootstrap=100, quadrature="left",
+                                  degree=0,
                                   bootstrap="samples", seed=rep).fit(tr)
         band = est.bands_["E"][:, 0]
         hits += (band[0] <= E0) & (E0 <= band[1])
@@ -513,18 +543,19 @@ def test_goodness_of_fit_identity_and_cross_entropy():
     imp = m.Impacts.intra_inter(1.0, 0.3, K)
     log = simulate(m.LESDE(y, imp, "identity", sigma=0.2, dim=K), x0, ts, 0.02, seed=7)
     est = IEstimator().fit(log)
-    gof = goodness_of_fit(log, est, "identity", n_paths=100, seed=0)
+    gof = goodness_of_fit(log, est, n_paths=100, seed=0)
     assert isinstance(gof, GoodnessOfFit)
     assert gof.r2 > 0.99 and gof.coverage > 0.8 and gof.spread_rel_error < 0.3, gof.summary()
     assert gof.sim_means.shape == (21, K, K) and gof.sim_accuracy.shape == (21,)
-    wrong = goodness_of_fit(log, m.Impacts.intra_inter(0.3, 1.0, K), "identity", n_paths=50)
+    wrong = goodness_of_fit(log, m.Impacts.intra_inter(0.3, 1.0, K), field="identity",
+                            noise="additive", sigma=0.2, n_paths=50)
     assert wrong.r2 < gof.r2 - 0.1 and wrong.coverage < 0.5
 
     x0 = 0.5 * np.random.default_rng(1).standard_normal((90, K))
     ts = np.linspace(0, 20, 41)
     log = simulate(m.LESDE(y, imp, "cross_entropy", sigma=0.05), x0, ts, 0.1, seed=7)
-    reg = RegressionEstimator("cross_entropy", window=8).fit(log)
-    gof = goodness_of_fit(log, reg, "cross_entropy", n_paths=50, seed=1)
+    reg = RegressionEstimator("cross_entropy", window=8, n_bootstrap=0).fit(log)
+    gof = goodness_of_fit(log, reg, n_paths=50, seed=1)
     assert gof.r2 > 0.95 and gof.accuracy_mae < 0.1, gof.summary()
     assert np.isfinite(gof.logged_accuracy).all() and set(gof.summary()) >= {"r2", "coverage"}
 
@@ -544,11 +575,12 @@ def test_fit_a_real_trajectory_store(tmp_path):
     tr = as_trajectory(str(tmp_path / "run"))
     assert tr.features.shape == (1, 21, 30, K) and np.allclose(tr.ts, 0.05 * store.step)
     assert as_trajectory(store, what="features").p == 16
-    est = IEstimator(n_bootstrap=20, on_empty="nan").fit(store)
+    with pytest.warns(UserWarning, match="turned against its start"):
+        est = IEstimator(n_bootstrap=20).fit(store)
     assert est.A_.shape == (21,) and est.bands_["A"].shape == (2, 21)
     reg = RegressionEstimator("cross_entropy", window=5, n_bootstrap=10).fit(store)
     assert reg.E_.shape == (4, K, K) and np.all(np.isfinite(reg.alpha_))
-    gof = goodness_of_fit(store, reg, "cross_entropy", n_paths=10)
+    gof = goodness_of_fit(store, reg, n_paths=10)
     assert 0 <= gof.coverage <= 1 and np.isfinite(gof.r2)
 
     # a second run with another seed: the two runs become two trials
@@ -563,5 +595,5 @@ def test_fit_a_real_trajectory_store(tmp_path):
     train_and_track(short, (x, y), store=str(tmp_path / "short"), progress=False)
     with pytest.raises(ValueError, match="other times"):
         as_trajectory([store, str(tmp_path / "short")])
-    with pytest.raises(ValueError, match="trajectory stores or their paths"):
+    with pytest.raises(ValueError, match="a list source must hold logs"):
         as_trajectory([store, np.zeros(3)])

@@ -25,7 +25,7 @@ def tiny_store(tmp_path_factory):
 def test_fit_writes_figures_and_summary(tiny_store, tmp_path):
     out = tmp_path / "fit"
     rc = main(["fit", tiny_store, "--out", str(out), "--estimators", "regression",
-               "--n-bootstrap", "8", "--gof-paths", "4", "--reg-window", "3", "--threads", "1"])
+               "--n-bootstrap", "8", "--gof-paths", "4", "--reg-window", "3", "--threads", "1", "--compare", "0"])
     assert rc == 0
     for name in ("fit.png", "goodness_of_fit.png", "summary.json", "measured_impacts.csv",
                  "regression.csv"):
@@ -48,7 +48,7 @@ def test_fit_writes_figures_and_summary(tiny_store, tmp_path):
 def test_fit_without_gof_writes_only_fit_png(tiny_store, tmp_path):
     out = tmp_path / "fit0"
     assert main(["fit", tiny_store, "--out", str(out), "--estimators", "i,l,regression",
-                 "--n-bootstrap", "4", "--reg-window", "3"]) == 0
+                 "--n-bootstrap", "4", "--reg-window", "3", "--compare", "0"]) == 0
     assert (out / "fit.png").is_file()
     assert not (out / "goodness_of_fit.png").exists()
     with open(out / "summary.json") as fh:

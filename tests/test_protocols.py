@@ -168,11 +168,11 @@ def test_summary_and_first_look(tiny_run, tmp_path):
     st = load_store(protocol_trials(out)["p000"][0])
     np.testing.assert_allclose(rec["class_mean_logits_train"][0], st.class_means("logits"),
                                rtol=1e-6)
-    est = IEstimator(on_empty="nan").fit(as_trajectory(st))
+    est = IEstimator(on_reversed="nan", n_bootstrap=0).fit(as_trajectory(st))
     np.testing.assert_allclose(rec["A"][0], est.A_)
     # pooled: the I-estimator on the class means averaged over the trials
     means = rec["class_mean_logits_train"].astype(np.float64).mean(0)
-    pooled = IEstimator(on_empty="nan").fit((rec["time"], means, np.arange(3)))
+    pooled = IEstimator(on_reversed="nan", n_bootstrap=0).fit((rec["time"], means, np.arange(3)))
     np.testing.assert_allclose(rec["A_pooled"], pooled.A_)
     files = write_protocol_summary(out, str(tmp_path / "sum"))
     names = sorted(os.path.basename(f) for f in files)
@@ -281,7 +281,7 @@ def test_paper_protocol_end_to_end(tmp_path):
     assert np.all(np.isfinite(m["test_loss"])) and abs(m["test_loss"][0] - np.log(3)) < 0.05
     traj = as_trajectory(stores)                       # the trials as R = 2 trials of one fit
     assert traj.features.shape == (2, 16, 300, 3)
-    i_est = IEstimator(on_empty="nan", n_bootstrap=20).fit(traj)
+    i_est = IEstimator(on_reversed="nan", n_bootstrap=20).fit(traj)
     assert np.isfinite(i_est.A_[-1]) and i_est.bands_["A"].shape == (2, 16)
     reg = RegressionEstimator(field="cross_entropy").fit(traj)
     assert np.all(np.isfinite(reg.alpha_)) and np.all(np.isfinite(reg.beta_))
