@@ -34,7 +34,7 @@ from typing import Iterable, List, Optional, Sequence
 
 __all__ = ["PALETTE", "CMAP", "FULL_WIDTH", "RC", "FORMATS", "color", "style", "styled",
            "new_figure", "band", "halo", "legend_outside", "shared_colorbar", "mathify",
-           "save_figure", "figure_paths"]
+           "save_figure", "figure_paths", "show"]
 
 #: Okabe-Ito colours (blue, vermillion, bluish green, reddish purple, orange, sky blue, yellow,
 #: black), ordered so that the first three are far apart for every common colour-vision type.
@@ -259,3 +259,23 @@ def save_figure(fig, path, formats: Optional[Sequence[str]] = FORMATS, dpi: Opti
         with atomic_write(p, "wb", fsync=False) as f:
             fig.savefig(f, **kwargs)
     return [str(p) for p in paths]
+
+
+def show(path, width: int = 900):
+    """A figure file for display in a notebook (``IPython.display.Image``), a PNG scaled down to
+    at most ``width`` pixels with a 128-colour palette, so a notebook stays small; ``path`` may be any file
+    :func:`save_figure` wrote (the PNG beside it is shown)."""
+    import io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    png = os.path.splitext(os.fspath(path))[0] + ".png"
+    with PILImage.open(png) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)), PILImage.LANCZOS)
+        im = im.quantize(colors=128, method=PILImage.Quantize.MEDIANCUT)  # a palette PNG: small
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return Image(data=buf.getvalue(), format="png")
