@@ -200,7 +200,9 @@ def _add_model_args(p, K=3, n=50, T=400.0, dt=0.5, noise="sgd", lr=1.0, sigma=0.
     g.add_argument("--p", type=int, default=None, help="feature dimension (default K)")
     g.add_argument("--alpha", type=_floats, default=1.0, help="intra-class impact; a comma list runs a batch")
     g.add_argument("--beta", type=_floats, default=0.2, help="inter-class impact; a comma list runs a batch")
-    g.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"])
+    g.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"],
+                   help="drift field G: identity (I-model), label_projection (L-model) or "
+                   "cross_entropy (features are logits, p = K)")
     g.add_argument("--noise", default=noise, choices=["additive", "sgd", "both", "none"],
                    help="diffusion: additive sigma dW, SGD sampling noise with learning rate --lr, or both")
     g.add_argument("--lr", type=float, default=lr, help="learning rate h of the SGD noise (default %(default)s)")
@@ -211,17 +213,19 @@ def _add_model_args(p, K=3, n=50, T=400.0, dt=0.5, noise="sgd", lr=1.0, sigma=0.
     s.add_argument("--dt", type=float, default=dt, help="step size (default %(default)s)")
     s.add_argument("--saves", type=int, default=41, help="number of save times (default %(default)s)")
     s.add_argument("--runs", type=int, default=1, help="independent runs per parameter point")
-    s.add_argument("--backend", default="native", choices=["native", "torchsde"])
+    s.add_argument("--backend", default="native", choices=["native", "torchsde"],
+                   help="native: lesde's batched O(N p) solver; torchsde: torchsde.sdeint (for its methods)")
     s.add_argument("--method", default="euler",
                    help="euler (default); exact (identity / label_projection drift with additive noise: "
                    "exact sampling at the save times, no steps); or a torchsde method with --backend torchsde")
     s.add_argument("--increments", default="gaussian", choices=["gaussian", "rademacher"],
                    help="Brownian increments of the native Euler scheme: gaussian, or rademacher "
                    "(two-point +-sqrt(dt): weak order 1, cheaper, not Brownian paths)")
-    s.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                   help="floating-point precision of the simulation")
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (initial state uses seed + 1)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -307,7 +311,9 @@ def _add_simulate(sub):
                        description="Simulate dX_j = (1/N) sum_j' E[y_j, y_j'] G(X_j') dt + noise with "
                        "E = (alpha - beta) I + beta 11^T, balanced classes, X(0) Gaussian.")
     _add_model_args(p)
-    p.add_argument("--record", default="full", choices=["full", "summary"])
+    p.add_argument("--record", default="full", choices=["full", "summary"],
+                   help="full: every sample's features at each save time; summary: class means and "
+                   "within-class covariances only (memory O(K p^2) instead of O(N p))")
     p.add_argument("-o", "--output", default="lesde_solution.npz", help="solution file (default %(default)s)")
     p.set_defaults(func=_run_simulate)
 
@@ -336,6 +342,7 @@ def _run_simulate(args):
 _FIG_DIR = "lesde_figures"
 _FIG_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "eps", "ps", "webp")
 _WROTE = []  # paths written by the current command, in order (for `figures all`)
+_STOPPED = []  # set by a command that stopped before its work was done (no "finished" line)
 
 
 def _formats(text: str):
@@ -702,7 +709,7 @@ def _run_fig_all(args):
         _threads(sub_args)
         sub_args.func(sub_args)
     wrote = list(_WROTE)
-    print(f"\nfigures all: finished in {time.perf_counter() - t0:.0f} s; wrote {len(wrote)} files "
+    print(f"\nfigures all: {time.perf_counter() - t0:.0f} s; wrote {len(wrote)} files "
           f"({'small sizes' if args.small else 'full size'}):")
     for path in wrote:
         print(f"  {path}")
@@ -767,19 +774,23 @@ def _add_phase(sub):
     for name, text in _PHASE_GRID_ARGS:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=_grid_values, default=None, help=text)
     m = p.add_argument_group("model and scoring")
-    m.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"])
+    m.add_argument("--drift", default="cross_entropy", choices=["identity", "label_projection", "cross_entropy"],
+                   help="drift field G: identity (I-model), label_projection (L-model) or "
+                   "cross_entropy (features are logits, p = K)")
     m.add_argument("--p", type=int, default=None, help="feature dimension (default K)")
     m.add_argument("--times", type=_grid_values, default=[400.0], help="times T at which to score (comma list)")
-    m.add_argument("--dt", type=float, default=0.5)
+    m.add_argument("--dt", type=float, default=0.5, help="Euler-Maruyama step size")
     m.add_argument("--saves", type=int, default=41, help="save times on [0, max T] (time-to-separation resolution)")
-    m.add_argument("--replicates", type=int, default=8)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--replicates", type=int, default=8, help="independent runs R per grid point")
+    m.add_argument("--seed", type=int, default=0, help="seed of the sweep (each chunk derives its own)")
     m.add_argument("--chunk-size", type=int, default=256, help="runs per chunk (bounds memory)")
-    m.add_argument("--loss-threshold", type=float, default=0.1)
+    m.add_argument("--loss-threshold", type=float, default=0.1,
+                   help="training cross-entropy (nats) below which a run counts as separated by loss")
     m.add_argument("--no-lp", action="store_true", help="skip the LP separability test")
     m.add_argument("--comoving", action="store_true",
                    help="identity drift, additive noise: simulate in the frame of the grand mean")
-    m.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    m.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                   help="floating-point precision of the simulation")
     m.add_argument("--method", default="euler", choices=["euler", "exact"],
                    help="euler: steps of --dt; exact: identity / label_projection drift with additive "
                    "noise sampled exactly at the save times (no steps; cost set by --saves)")
@@ -791,7 +802,7 @@ def _add_phase(sub):
     r.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of N worker processes")
     r.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks")
     r.add_argument("--threads", type=int, default=None, help="torch threads per chunk")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bar over chunks")
     p.set_defaults(func=_run_phase)
 
 
@@ -867,12 +878,16 @@ def _run_phase(args):
         if cluster is not None:
             cluster.close()
     done = table.attrs.get("complete", False)
-    print(f"{'finished' if done else 'stopped (resume with the same command)'} in "
+    if not done:
+        _STOPPED.append("phase")
+    print(f"{'sweep complete' if done else 'stopped (resume with the same command)'} in "
           f"{time.perf_counter() - t0:.1f} s; order parameter: {table['notion'].iloc[0]}")
     for T, g in table.groupby("T"):
         print(f"  T = {T:g}: mean P(separable) {g['p_sep'].mean():.3f} (order parameter), "
               f"{g['p_lp'].mean():.3f} (LP, any affine classifier)")
+    print(f"wrote {args.out}/chunks/ (one file per finished chunk) and {args.out}/config.json")
     if done:
+        print(f"wrote {args.out}/runs.parquet (one row per run)")
         print(f"wrote {args.out}/table.csv")
 
 
@@ -1696,7 +1711,8 @@ def _add_train(sub):
     p.add_argument("--config", default=None,
                    help="TrainConfig JSON file; when given, the run options below are ignored")
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=("cifar10", "geomnist"), default="cifar10")
+    d.add_argument("--data", choices=("cifar10", "geomnist"), default="cifar10",
+                   help="data set: CIFAR-10 (needs --data-path or $LESDE_CIFAR10) or GeoMNIST (generated)")
     d.add_argument("--data-path", default=None,
                    help="CIFAR-10 zip, image folder or python batches (default: $LESDE_CIFAR10)")
     d.add_argument("--classes", nargs="+", default=["airplane", "automobile", "bird"],
@@ -1706,36 +1722,46 @@ def _add_train(sub):
                    help="test images per class (default: all; GeoMNIST: 500)")
     d.add_argument("--p-err", type=float, default=0.0, help="GeoMNIST label-noise level")
     d.add_argument("--geomnist-variant", choices=("zhang2021", "analytic"), default="zhang2021",
-                   help="GeoMNIST generator: the authors' (default; train and test are a random "
-                   "split of one sweep, label noise on train only) or the earlier analytic one")
-    d.add_argument("--data-seed", type=int, default=0)
+                   help="GeoMNIST generator: zhang2021, the authors' (train and test are a random "
+                   "split of one sweep, label noise on train only), or analytic, the earlier one")
+    d.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subset, the GeoMNIST sweep and its label noise")
     r = p.add_argument_group("run")
-    r.add_argument("--net", default="resnet18", choices=("resnet18", "resnet20", "lenet", "mlp"))
+    r.add_argument("--net", default="resnet18", choices=("resnet18", "resnet20", "lenet", "mlp"),
+                   help="network of lesde.nets")
     r.add_argument("--width", type=float, default=None, help="ResNet width factor")
     r.add_argument("--net-kwargs", default="{}", help="extra build_net kwargs as JSON")
-    r.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    r.add_argument("--lr", type=float, default=0.02)
-    r.add_argument("--momentum", type=float, default=0.9)
-    r.add_argument("--weight-decay", type=float, default=5e-4)
-    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer")
+    r.add_argument("--lr", type=float, default=0.02,
+                   help="learning rate h (constant); the logged time is t = step x h")
+    r.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    r.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    r.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
     r.add_argument("--sampling", choices=("reshuffle", "replacement"), default="reshuffle",
                    help="samples per epoch by reshuffling, or drawn uniformly with replacement")
     length = r.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None)
-    length.add_argument("--epochs", type=float, default=None)
-    r.add_argument("--log-every", type=int, default=10)
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (give --steps or --epochs; default: 1 epoch)")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="epochs, may be fractional (instead of --steps)")
+    r.add_argument("--log-every", type=int, default=10,
+                   help="log the tracked samples every this many steps (also at the first and last)")
     r.add_argument("--track", type=int, default=100, help="tracked train samples per class")
     r.add_argument("--track-test", type=int, default=100, help="tracked test samples per class")
     r.add_argument("--eval-train", type=int, default=0,
                    help="train-metric subset size (0: tracked only, -1: all)")
     r.add_argument("--eval-test", type=int, default=-1,
                    help="test-metric subset size (0: tracked only, -1: all)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--checkpoint-every", type=int, default=0)
-    r.add_argument("--impacts-every", type=int, default=0)
-    r.add_argument("--impacts-per-class", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the network")
+    r.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    r.add_argument("--checkpoint-every", type=int, default=0,
+                   help="checkpoint every this many steps (0: only at the end); a rerun resumes")
+    r.add_argument("--impacts-every", type=int, default=0,
+                   help="measure the impact matrix E on the network every this many steps (0: never)")
+    r.add_argument("--impacts-per-class", type=int, default=0,
+                   help="tracked train samples per class used to measure E (0: all tracked)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
@@ -1849,6 +1875,11 @@ def _run_train(args):
     m = store.metrics()
     print(f"{store.path}: T={len(store)} logged times, step {int(m['step'][-1])}, "
           f"train_acc {m['train_acc'][-1]:.4f}, test_acc {m['test_acc'][-1]:.4f}")
+    print(f"final: train loss {m['train_loss'][-1]:.4g}, accuracy {m['train_acc'][-1]:.4f}; test loss "
+          f"{m['test_loss'][-1]:.4g}, accuracy {m['test_acc'][-1]:.4f} (chance {1 / len(names):.3f}, "
+          f"K = {len(names)} classes)")
+    print(f"wrote {store.path} (trajectory store: tracked features and logits, metrics, "
+          "checkpoint)")
     return 0
 
 
@@ -1886,10 +1917,13 @@ def _add_reproduce(sub):
                    help="summary: NC1-NC4 of the tracked features over training (needs the "
                    "recorded read-out, e.g. cifar10-resnet18-k10)")
     o = p.add_argument_group("overrides (short checks; stored with the run)")
-    o.add_argument("--steps", type=int, default=None)
-    o.add_argument("--log-every", type=int, default=None)
-    o.add_argument("--train-per-class", type=int, default=None)
-    o.add_argument("--val-per-class", type=int, default=None)
+    o.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the protocol's)")
+    o.add_argument("--log-every", type=int, default=None,
+                   help="log every this many steps (default: the protocol's)")
+    o.add_argument("--train-per-class", type=int, default=None,
+                   help="training images per class (default: the protocol's)")
+    o.add_argument("--val-per-class", type=int, default=None,
+                   help="validation images per class (default: the protocol's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_reproduce)
@@ -1931,7 +1965,9 @@ def _run_reproduce(args):
     if args.summary or args.summary_only:
         dest = args.summary or os.path.join(args.out, "summary")
         files = pr.write_protocol_summary(args.out, dest, nc=args.nc)
-        print(f"wrote {len(files)} files to {dest}")
+        print(f"wrote {len(files)} files to {dest}:")
+        for f in files:
+            print(f"  {f}")
     return 0
 
 
@@ -1958,7 +1994,7 @@ def _add_reconcile(sub):
     )
     p.add_argument("run", help="protocol run directory (lesde reproduce)")
     p.add_argument("--setting", default="p000", help="setting, e.g. p000, p030, p067")
-    p.add_argument("--trial", type=int, default=0)
+    p.add_argument("--trial", type=int, default=0, help="trial of the setting")
     p.add_argument("--step", type=int, required=True, help="optimizer step of the state")
     p.add_argument("--intervals", default="1,5,20,50",
                    help="comma list of interval lengths in SGD steps (default %(default)s)")
@@ -1968,10 +2004,10 @@ def _add_reconcile(sub):
     p.add_argument("--variants", nargs="+", default=["as-trained"],
                    choices=sorted(_RECONCILE_VARIANTS), help="SGD variants")
     p.add_argument("--data-path", default=None, help="CIFAR-10 location (default: $LESDE_CIFAR10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the SGD replicas and the LE-SDE paths")
     p.add_argument("--out", required=True, help="directory for the CSV / JSON / markdown")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_run_reconcile)
 
 
@@ -2447,10 +2483,18 @@ def main(argv=None) -> int:
     plain = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: (
         f"lesde {args.command}: warning: {message}\n")
-    del _WROTE[:]
+    del _WROTE[:], _STOPPED[:]
+    import time
+
+    t0 = time.perf_counter()
+    name = " ".join(str(v) for v in (args.command, getattr(args, "figure", None),
+                                      getattr(args, "job", None)) if v)
     try:
         _threads(args)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if rc == 0 and not _STOPPED:
+            print(f"lesde {name}: finished in {time.perf_counter() - t0:.1f} s")
+        return rc
     except Exception as exc:  # user errors: one clear line
         if not isinstance(exc, _user_errors()):
             raise

@@ -2,6 +2,7 @@
 out of the repository's figures/, committed figures are not replaced without --overwrite, the
 committed tables redraw, and the command-line core (defaults in help, negative ranges, options
 after a sub-job)."""
+import argparse
 import json
 import os
 import shutil
@@ -146,7 +147,7 @@ def test_options_of_a_command_are_accepted_after_its_job():
     assert args.out == "elasticity_out" and args.seed == 0 and args.threads is None
 
 
-def test_help_shows_defaults_and_figure_options_all_have_help(capsys):
+def test_help_shows_defaults_and_every_option_of_every_command_has_help(capsys):
     from lesde.cli import _subparsers_of
 
     with pytest.raises(SystemExit):
@@ -157,8 +158,33 @@ def test_help_shows_defaults_and_figure_options_all_have_help(capsys):
         main(["elasticity", "torus", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0 2000)" in text and "--out OUT" in text and "(default: elasticity_out)" in text
-    top = _subparsers_of(build_parser())
-    figure_parsers = [top.choices["demo"]] + list(_subparsers_of(top.choices["figures"]).choices.values())
-    for parser in figure_parsers:
+    # every parser of the tree: each option has help, and a real default is shown in it
+    missing, unshown, count = [], [], 0
+    for parser in _walk(build_parser()):
+        formatter = parser._get_formatter()
         for action in parser._actions:
-            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+            if isinstance(action, (argparse._SubParsersAction, argparse._HelpAction)):
+                continue
+            count += 1
+            name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help:
+                missing.append(name)
+                continue
+            shown = formatter._default_text(action)
+            text = " ".join(formatter._expand_help(action).split())
+            if shown is not None and shown.replace("%%", "%") not in text:
+                unshown.append(f"{name}: {text!r} (default {shown})")
+    assert count > 150  # the whole tree was walked
+    assert not missing, "options without help:\n" + "\n".join(missing)
+    assert not unshown, "defaults not shown:\n" + "\n".join(unshown)
+
+
+def _walk(parser):
+    """The parser and every sub-parser below it (each once)."""
+    from lesde.cli import _subparsers_of
+
+    yield parser
+    sub = _subparsers_of(parser)
+    if sub is not None:
+        for child in dict.fromkeys(sub.choices.values()):
+            yield from _walk(child)
