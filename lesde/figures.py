@@ -709,11 +709,20 @@ def _fit_curves(est) -> dict:
 
 _FIT_LABELS = {"i": "I-estimator", "l": "L-estimator", "regression": "regression",
                "shooting": "trajectory matching"}
+_DEFAULT_TIME_UNIT = "t = step x lr"
 
 
+def _time_label(time_unit: str) -> str:
+    if time_unit == _DEFAULT_TIME_UNIT:
+        return r"time $t$ (steps $\times$ learning rate)"
+    return f"time ({mathify(time_unit)})"
+
+
+@styled
 def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
-             title: Optional[str] = None, time_unit: str = "t = step x lr") -> str:
-    """Fitted impacts of ``lesde fit``: A(t), B(t) and alpha(t), beta(t) of each estimator with
+             title: Optional[str] = None, time_unit: str = "t = step x lr",
+             formats: Optional[Sequence[str]] = None) -> str:
+    r"""Fitted impacts of ``lesde fit``: A(t), B(t) and alpha(t), beta(t) of each estimator with
     its band, and the directly measured alpha_hat(t), beta_hat(t).
 
     The I- and L-estimators (and any fit with the identity or label-projection field) fit the
@@ -732,15 +741,19 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
             with ``t_start`` is read as a regression's); names "shooting", "i", "l",
             "regression" get readable labels.
         measured: optional dict with ``time``, ``alpha``, ``beta`` (T',) arrays, e.g.
-            ``store.impacts()``; drawn as diamonds.
-        path: output PNG.
+            ``store.impacts()``; drawn as open diamonds.
+        path: output file (PNG unless its extension says otherwise).
         title: optional suptitle.
         time_unit: how the time axis is labelled.
+        formats: further formats written beside ``path`` (e.g. ``("pdf", "svg")``).
 
     The alpha and beta axes of a row share one y-range (log scale when all values are
     positive and span more than a decade), so intra- and inter-class impacts can be compared.
+    An estimator whose curve is undefined everywhere (e.g. an L-estimator whose modes turned
+    against their start) is listed as "band only" rather than as a line that is not drawn.
     """
-    plt = _plt()
+    from matplotlib.lines import Line2D
+
     ts = np.asarray(ts, dtype=float)
 
     def is_reg(est):
@@ -760,8 +773,10 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
     if not rows:
         raise ValueError("plot_fit needs at least one fitted estimator")
     meas_row = "reg" if reg else "rates"
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
-    colors = {n: _PALETTE[i % 10] for i, n in enumerate(estimates)}
+    fig = new_figure(FULL_WIDTH, 2.1 * len(rows) + 0.9)
+    axes = fig.subplots(len(rows), 2, squeeze=False, sharex=True)
+    colors = {n: color(i) for i, n in enumerate(estimates)}
+    handles, gaps = {}, {}
     for r, row in enumerate(rows):
         group = reg if row == "reg" else mode
         keys = ("A", "B") if row == "AB" else ("alpha", "beta")
@@ -773,29 +788,36 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
                 if key not in c:
                     continue
                 label = _FIT_LABELS.get(name, str(name))
-                marker = "o" if len(c[tkey]) <= 40 else None
-                ax.plot(c[tkey], c[key], color=colors[name], lw=1.6, marker=marker, ms=3,
-                        label=label + ("" if row == "AB" else " (fitted)"))
-                vals.append(c[key])
+                x, v = np.asarray(c[tkey], dtype=float), np.asarray(c[key], dtype=float)
                 if f"{key}_lo" in c:
-                    ax.fill_between(c[tkey], c[f"{key}_lo"], c[f"{key}_hi"],
-                                    color=colors[name], alpha=0.2, lw=0)
-                    vals += [c[f"{key}_lo"], c[f"{key}_hi"]]
+                    lo, hi = np.asarray(c[f"{key}_lo"], float), np.asarray(c[f"{key}_hi"], float)
+                    h = band(ax, x, lo, hi, colors[name], kind="fill" if name != "l" else "hatch",
+                             label=f"{label}: band")
+                    handles.setdefault(f"{label}: band", h)
+                    vals += [lo, hi]
+                gaps[name] = gaps.get(name, False) or not np.isfinite(v).all()
+                if np.isfinite(v).any():
+                    marker = "o" if len(x) <= 40 else None
+                    ax.plot(x, v, color=colors[name], lw=1.4, marker=marker, ms=2.5, zorder=3)
+                    handles.setdefault(label, Line2D([], [], color=colors[name], lw=1.4,
+                                                     marker=marker, ms=2.5, label=label))
+                    vals.append(v)
             if measured is not None and row == meas_row:
                 mv = np.asarray(measured[key], dtype=float)
                 ax.plot(np.asarray(measured["time"], dtype=float), mv, ls="none", marker="D",
-                        ms=6, mfc="none", mec="k", mew=1.3,
-                        label=f"measured {key}_hat (first order, on the network)")
+                        ms=4.5, mfc="none", mec="k", mew=1.0, zorder=4)
+                handles.setdefault("measured", Line2D(
+                    [], [], ls="none", marker="D", ms=4.5, mfc="none", mec="k", mew=1.0,
+                    label=r"measured on the network ($\hat\alpha$, $\hat\beta$; first order)"))
                 vals.append(mv)
-            unit = {"A": "A(t) = int alpha dt (intra)", "B": "B(t) = int beta dt (inter)",
-                    "alpha": "alpha(t), intra-class, per unit t",
-                    "beta": "beta(t), inter-class, per unit t"}[key]
-            what = "cross-entropy drift" if row == "reg" else "I/L model"
-            ax.set_ylabel(f"{unit}\n({what})", fontsize=8)
-            ax.set_xlabel(f"lr-scaled time ({time_unit})")
+            what = "cross-entropy drift" if row == "reg" else "linear (I/L) model"
+            ylabel = {"A": r"$A(t) = \int_0^t \alpha\,ds$", "B": r"$B(t) = \int_0^t \beta\,ds$",
+                      "alpha": r"$\alpha(t)$ per unit $t$", "beta": r"$\beta(t)$ per unit $t$"}[key]
+            ax.set_ylabel(f"{ylabel}\n({what})")
+            ax.set_title({"A": "integrated intra-class impact", "B": "integrated inter-class impact",
+                          "alpha": "intra-class impact", "beta": "inter-class impact"}[key])
             if ts.size:
                 ax.set_xlim(ts.min(), ts.max())
-            ax.legend(fontsize=7, loc="best")
         if row != "AB":
             v = np.concatenate([np.ravel(x) for x in vals]) if vals else np.zeros(0)
             v = v[np.isfinite(v)]
@@ -811,31 +833,42 @@ def plot_fit(ts, estimates, measured: Optional[dict] = None, path="fit.png",
                     ax.set_ylim(lo, hi)
         for ax in axes[r]:
             if ax.get_yscale() == "linear":
-                ax.axhline(0, color="0.5", lw=0.6)
-    fig.suptitle((title + "\n" if title else "") + "fitted impacts (lines; shaded: "
-                 "band)" + ("; diamonds: directly measured" if measured is not None else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+                ax.axhline(0, color="0.5", lw=0.6, zorder=0.5)
+    for ax in axes[-1]:
+        ax.set_xlabel(_time_label(time_unit))
+    for name, gap in gaps.items():  # say where a line is missing, never list a line not drawn
+        label = _FIT_LABELS.get(name, str(name))
+        if label in handles and gap:
+            handles[label].set_label(f"{label} (gaps: undefined there)")
+        elif label not in handles:
+            handles[label] = Line2D([], [], lw=0, label=f"{label}: estimate undefined (band only)")
+    legend_outside(fig, list(handles.values()), where="bottom", ncol=3)
+    if title:
+        fig.suptitle(mathify(title))
+    return save_figure(fig, path, formats)[0]
 
 
+@styled
 def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
-                         title: Optional[str] = None, max_coords: int = 4) -> str:
+                         title: Optional[str] = None, max_coords: int = 4,
+                         formats: Optional[Sequence[str]] = None) -> str:
     """Logged vs simulated trajectories of a fitted SDE (the analogue of Fig. 5 of Zhang, Wang &
     Su 2021): per class, the logged class-mean coordinates (solid) against the simulated mean
-    (dashed) and its band (shaded); the within-class spread over time; the argmax accuracy over
-    time (logged vs simulated with its band); and the summary numbers.
+    (dashed) and its band; the within-class spread over time; the argmax accuracy over time
+    (logged vs simulated with its band); and the summary numbers.
 
     Args:
         gof: a :class:`~lesde.fit.GoodnessOfFit` (or a mapping with its array fields, e.g. the
             ``gof_<name>.npz`` that ``lesde fit`` writes).
-        path: output PNG.
+        path: output file (PNG unless its extension says otherwise).
         class_names: optional names of the K classes.
         title: optional suptitle.
         max_coords: at most this many coordinates of each class mean are drawn (all of them for
             logits, p = K).
+        formats: further formats written beside ``path`` (e.g. ``("pdf", "svg")``).
     """
-    plt = _plt()
+    from matplotlib.lines import Line2D
+
     get = (lambda k: np.asarray(gof[k])) if not hasattr(gof, "ts") else \
         (lambda k: np.asarray(getattr(gof, k)))
     ts = get("ts").astype(float)
@@ -843,52 +876,59 @@ def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
     T, K, p = logged.shape
     names = list(class_names) if class_names is not None else [f"class {k}" for k in range(K)]
     ncol = max(K, 3)
-    fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol, 6.8), squeeze=False)
+    fig = new_figure(FULL_WIDTH, 4.9)
+    axes = fig.subplots(2, ncol, squeeze=False)
     coords = range(min(p, max_coords))
+    xlabel = r"time $t$ (steps $\times$ learning rate)"
+    handles = []
+    for j in coords:
+        cname = (f"logit of {names[j]}" if p == K else f"coordinate {j}")
+        handles.append(Line2D([], [], color=color(j), lw=1.4, label=cname))
+    handles += [Line2D([], [], color="0.3", lw=1.4, label="logged"),
+                Line2D([], [], color="0.3", lw=1.2, ls="--", label="simulated mean"),
+                band(axes[0, 0], [], [], [], "0.5", label="simulated band")]
     for k in range(K):
         ax = axes[0, k]
         for j in coords:
-            color = _PALETTE[j % 10]
-            cname = (f"logit of {names[j]}" if p == K else f"coordinate {j}")
-            ax.plot(ts, logged[:, k, j], color=color, lw=1.6, label=cname)
-            ax.plot(ts, sim[:, k, j], color=color, lw=1.3, ls="--")
-            ax.fill_between(ts, lo[:, k, j], hi[:, k, j], color=color, alpha=0.18, lw=0)
-        ax.set_title(f"class mean of {names[k]}", fontsize=9)
-        ax.set_xlabel("lr-scaled time t = step x lr")
+            band(ax, ts, lo[:, k, j], hi[:, k, j], color(j))
+            ax.plot(ts, logged[:, k, j], color=color(j), lw=1.4, zorder=3)
+            ax.plot(ts, sim[:, k, j], color=color(j), lw=1.2, ls="--", zorder=3)
+        ax.set_title(f"class mean of {names[k]}")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("logit" if p == K else "feature coordinate")
-        if k == 0:
-            ax.legend(fontsize=6, loc="best", ncol=1)
     for k in range(K, ncol):
         axes[0, k].axis("off")
     ax = axes[1, 0]
     ls_, ss_ = get("logged_spread"), get("sim_spread")
     for k in range(K):
-        ax.plot(ts, ls_[:, k], color=_PALETTE[k % 10], lw=1.6, label=names[k])
-        ax.plot(ts, ss_[:, k], color=_PALETTE[k % 10], lw=1.3, ls="--")
+        ax.plot(ts, ls_[:, k], color=color(k), lw=1.4, label=names[k])
+        ax.plot(ts, ss_[:, k], color=color(k), lw=1.2, ls="--")
     ax.set_yscale("log")
-    ax.set_title("within-class spread (solid: logged, dashed: simulated)", fontsize=9)
-    ax.set_xlabel("lr-scaled time t = step x lr")
-    ax.legend(fontsize=6)
+    ax.set_title("within-class spread")
+    ax.set_ylabel("spread (colours: classes)")
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="best", fontsize=6.5)
     ax = axes[1, 1]
     la, sa = get("logged_accuracy"), get("sim_accuracy")
     if np.isfinite(la).any():
-        ax.plot(ts, la, color="k", lw=1.6, label="logged")
-        ax.plot(ts, sa, color=_PALETTE[0], lw=1.3, ls="--", label="simulated mean")
         try:
-            ax.fill_between(ts, get("sim_accuracy_lo"), get("sim_accuracy_hi"), color=_PALETTE[0],
-                            alpha=0.2, lw=0, label="simulated band")
+            band(ax, ts, get("sim_accuracy_lo"), get("sim_accuracy_hi"), color(0))
         except (KeyError, AttributeError):
             pass
+        ax.plot(ts, la, color="0.15", lw=1.4, zorder=3)
+        ax.plot(ts, sa, color=color(0), lw=1.2, ls="--", zorder=3)
+        ax.axhline(1 / K, color="0.5", lw=0.8, ls=":")
+        handles.append(Line2D([], [], color="0.5", lw=0.8, ls=":", label=f"chance accuracy 1/{K}"))
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "argmax accuracy needs p = K", ha="center", transform=ax.transAxes)
-    ax.set_title("argmax accuracy of the tracked samples", fontsize=9)
-    ax.set_xlabel("lr-scaled time t = step x lr")
+    ax.set_title("argmax accuracy of the tracked samples")
+    ax.set_ylabel("accuracy")
+    ax.set_xlabel(xlabel)
     ax = axes[1, 2]
     ax.axis("off")
     nums = []
-    for key, fmt in (("r2", "R^2 of the class means: {:.3f}"),
+    for key, fmt in (("r2", "$R^2$ of the class means: {:.3f}"),
                      ("coverage", "coverage by the simulated band: {:.2f}"),
                      ("spread_rel_error", "spread relative error: {:.2f}"),
                      ("accuracy_mae", "accuracy mean abs. error: {:.3f}"),
@@ -900,22 +940,23 @@ def plot_goodness_of_fit(gof, path, class_names: Optional[Sequence[str]] = None,
             pass
     try:
         r2k = get("r2_per_class")
-        nums.append("R^2 per class: " + ", ".join(f"{v:.2f}" for v in np.ravel(r2k)))
+        nums.append("$R^2$ per class: " + ", ".join(f"{v:.2f}" for v in np.ravel(r2k)))
     except (KeyError, AttributeError):
         pass
-    ax.text(0.02, 0.95, "\n".join(nums), va="top", ha="left", fontsize=9, transform=ax.transAxes)
+    ax.text(0.02, 0.95, "\n".join(nums), va="top", ha="left", fontsize=8, transform=ax.transAxes,
+            linespacing=1.6)
     for k in range(3, ncol):
         axes[1, k].axis("off")
-    fig.suptitle((title + "\n" if title else "") + "fitted SDE simulated from the logged state "
-                 "at the first time shown (dashed, shaded: band) against the log (solid)",
-                 fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    legend_outside(fig, handles, where="bottom", ncol=min(len(handles), 4))
+    fig.suptitle((mathify(title) + "\n" if title else "") + "the fitted SDE simulated from the "
+                 "logged state at the first time shown (dashed; band) against the log (solid)")
+    return save_figure(fig, path, formats)[0]
 
 
+@styled
 def plot_protocol_summary(summary: Dict[str, dict], path, title: Optional[str] = None,
-                          lr: Optional[float] = None) -> str:
-    """The trials of a protocol run (:func:`lesde.protocols.summarize_protocol`) in one figure.
+                          lr: Optional[float] = None, formats: Optional[Sequence[str]] = None) -> str:
+    r"""The trials of a protocol run (:func:`lesde.protocols.summarize_protocol`) in one figure.
 
     Top: validation accuracy and loss against the SGD iteration, mean over the trials with a
     band of one standard deviation, one colour per setting. Bottom: the I-estimator's A(t)
@@ -923,64 +964,78 @@ def plot_protocol_summary(summary: Dict[str, dict], path, title: Optional[str] =
     (thick); and the impacts measured on the network, alpha_hat (solid) and beta_hat (dashed),
     mean over trials, per unit of lr-scaled time. With NC measures (``nc1`` ...) a third row
     shows NC1 (log scale) and the NC2 terms, NC3 and NC4 against the iteration.
+    ``formats``: further formats written beside ``path``.
     """
-    plt = _plt()
+    from matplotlib.lines import Line2D
+
     has_nc = any("nc1" in rec for rec in summary.values())
     rows = 3 if has_nc else 2
-    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.4 * rows))
+    fig = new_figure(FULL_WIDTH, 2.3 * rows + 0.8)
+    axes = fig.subplots(rows, 2, sharex=True)
+    handles = []
     for c, (setting, rec) in enumerate(summary.items()):
-        col = _PALETTE[c % len(_PALETTE)]
+        col = color(c)
         step = rec["step"]
-        label = f"{setting} ({len(rec['trials'])} trials)"
+        label = _setting_label(setting) + f" ({len(rec['trials'])} trials)"
+        handles.append(Line2D([], [], color=col, lw=1.5, label=label))
         for ax, name in ((axes[0, 0], "test_acc"), (axes[0, 1], "test_loss")):
             v = np.asarray(rec[name], dtype=float)
             m = np.nanmean(v, 0)
             s = np.nanstd(v, 0, ddof=1) if v.shape[0] > 1 else np.zeros_like(m)
-            ax.plot(step, m, color=col, label=label)
-            ax.fill_between(step, m - s, m + s, color=col, alpha=0.2, lw=0)
+            band(ax, step, m - s, m + s, col)
+            ax.plot(step, m, color=col, zorder=3)
         ax = axes[1, 0]
         for a, b in zip(rec["A"], rec["B"]):
-            ax.plot(step, a, color=col, lw=0.5, alpha=0.35)
-            ax.plot(step, b, color=col, lw=0.5, alpha=0.35, ls="--")
-        ax.plot(step, rec["A_pooled"], color=col, lw=2, label=f"{setting}: A (pooled)")
-        ax.plot(step, rec["B_pooled"], color=col, lw=2, ls="--", label=f"{setting}: B (pooled)")
+            ax.plot(step, a, color=col, lw=0.5, alpha=0.4)
+            ax.plot(step, b, color=col, lw=0.5, alpha=0.4, ls="--")
+        ax.plot(step, rec["A_pooled"], color=col, lw=1.8, zorder=3)
+        ax.plot(step, rec["B_pooled"], color=col, lw=1.8, ls="--", zorder=3)
         if "alpha_hat" in rec:
             ax = axes[1, 1]
-            ax.plot(rec["impact_step"], np.nanmean(rec["alpha_hat"], 0), color=col, marker="o",
-                    ms=3, label=f"{setting}: alpha_hat")
-            ax.plot(rec["impact_step"], np.nanmean(rec["beta_hat"], 0), color=col, marker="x",
-                    ms=3, ls="--", label=f"{setting}: beta_hat")
+            ax.plot(rec["impact_step"], np.nanmean(rec["alpha_hat"], 0), color=col, marker="o", ms=3)
+            ax.plot(rec["impact_step"], np.nanmean(rec["beta_hat"], 0), color=col, marker="x", ms=3,
+                    ls="--")
         if has_nc and "nc1" in rec:
-            ax = axes[2, 0]
-            ax.plot(step, np.nanmean(rec["nc1"], 0), color=col, label=f"{setting}: NC1")
-            ax = axes[2, 1]
-            for name, ls in (("nc2_equinorm", "-"), ("nc2_etf", "--"), ("nc3", ":"),
-                             ("nc4", "-.")):
-                ax.plot(step, np.nanmean(rec[name], 0), color=col, ls=ls,
-                        label=f"{setting}: {name.replace('nc2_', 'NC2 ').replace('nc', 'NC')}")
+            axes[2, 0].plot(step, np.nanmean(rec["nc1"], 0), color=col)
+            for name, ls in (("nc2_equinorm", "-"), ("nc2_etf", "--"), ("nc3", ":"), ("nc4", "-.")):
+                axes[2, 1].plot(step, np.nanmean(rec[name], 0), color=col, ls=ls)
     k = None
     for rec in summary.values():
         k = rec["class_mean_logits_train"].shape[-1]
     if k:
-        axes[0, 0].axhline(1 / k, color="k", lw=0.8, ls=":", label=f"chance 1/{k}")
-        axes[0, 1].axhline(np.log(k), color="k", lw=0.8, ls=":", label=f"log {k}")
-    axes[0, 0].set(xlabel="iteration", ylabel="validation accuracy")
-    axes[0, 1].set(xlabel="iteration", ylabel="validation loss")
-    axes[1, 0].set(xlabel="iteration", ylabel="A(t), B(t)  (I-estimator)")
-    unit = "per unit t = step x lr" + (f" (lr {lr:g})" if lr else "")
-    axes[1, 1].set(xlabel="iteration", ylabel=f"measured impact, {unit}")
+        axes[0, 0].axhline(1 / k, color="0.3", lw=0.8, ls=":")
+        axes[0, 1].axhline(np.log(k), color="0.3", lw=0.8, ls=":")
+        handles.append(Line2D([], [], color="0.3", lw=0.8, ls=":",
+                              label=f"chance: accuracy 1/{k}, loss log {k}"))
+    handles += [Line2D([], [], color="0.3", lw=1.5, label=r"$A$, $\hat\alpha$ (intra-class)"),
+                Line2D([], [], color="0.3", lw=1.5, ls="--", label=r"$B$, $\hat\beta$ (inter-class)")]
+    axes[0, 0].set(title="validation accuracy (trial mean $\\pm$ sd)", ylabel="accuracy")
+    axes[0, 1].set(title="validation loss (trial mean $\\pm$ sd)", ylabel="cross-entropy (nats)")
+    axes[1, 0].set(title="I-estimator: pooled (thick) and per trial (thin)",
+                   ylabel=r"$A(t)$, $B(t)$")
+    unit = r"per unit $t$ = step $\times$ lr" + (f" (lr {lr:g})" if lr else "")
+    axes[1, 1].set(title="impacts measured on the network (trial mean)", ylabel=f"impact, {unit}")
     if axes[1, 1].has_data():
         vals = np.concatenate([np.ravel(r.get("alpha_hat", [])) for r in summary.values()])
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if vals.size and vals.max() / vals.min() > 10:
             axes[1, 1].set_yscale("log")
     if has_nc:
-        axes[2, 0].set(xlabel="iteration", ylabel="NC1 (tracked train features)", yscale="log")
-        axes[2, 1].set(xlabel="iteration", ylabel="NC2 (equinorm, ETF angle), NC3, NC4")
-    for ax in axes.ravel():
-        if ax.has_data():
-            ax.legend(fontsize=7)
+        axes[2, 0].set(title="NC1 of the tracked train features", ylabel=r"$\mathrm{Tr}(\Sigma_W \Sigma_B^+)/K$",
+                       yscale="log")
+        axes[2, 1].set(title="NC2 (solid: equinorm, dashed: ETF angle), NC3 (dotted), NC4 (dash-dot)",
+                       ylabel="measure")
+    for ax in axes[-1]:
+        ax.set_xlabel("SGD iteration")
+    legend_outside(fig, handles, where="bottom", ncol=3)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+        fig.suptitle(mathify(title))
+    return save_figure(fig, path, formats)[0]
+
+
+def _setting_label(setting: str) -> str:
+    """'p030' -> '$p_{err} = 0.30$' (a GeoMNIST label-noise setting); other names unchanged."""
+    import re
+
+    m = re.fullmatch(r"p(\d{3})", str(setting))
+    return rf"$p_{{err}} = {int(m.group(1)) / 100:.2f}$" if m else str(setting)

@@ -17,6 +17,7 @@ Usage (from the repository root, CIFAR-10 location in ``LESDE_CIFAR10``)::
 
     OMP_NUM_THREADS=1 python figures/real/cifar10_resnet18.py [--store runs/cifar10_resnet18]
         [--epochs 20] [--export-only]
+    python figures/real/cifar10_resnet18.py --figure-only   # redraw the figure, no training
 """
 from __future__ import annotations
 
@@ -92,65 +93,82 @@ def export(store_path: str) -> None:
                                      imp["E"]):
                 fh.write(f"{s:d},{t:.6g},{a:.6g},{b:.6g},"
                          + ",".join(f"{v:.6g}" for v in e.ravel()) + "\n")
-    _figure(st, os.path.join(HERE, "cifar10_resnet18_logits.png"))
+    redraw()
     print(f"T={len(st)} final step {met['step'][-1]}: train_acc {met['train_acc'][-1]:.4f} "
           f"test_acc {met['test_acc'][-1]:.4f} train_loss {met['train_loss'][-1]:.4f} "
           f"test_loss {met['test_loss'][-1]:.4f}")
 
 
-def _figure(st, path: str) -> None:
-    import matplotlib
+def _figure(summary, config: dict, path: str, formats=None) -> list:
+    """Class-mean logits, accuracy, loss and the measured impacts, drawn from the exported
+    summary (``cifar10_resnet18_summary.npz`` as a mapping) and the TrainConfig dict, in the
+    package's style (:mod:`lesde.plotting`)."""
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lesde.plotting import color, legend_outside, new_figure, save_figure, style
 
-    cfg = st.config
-    names = st.class_names
-    t = st.time
-    met = st.metrics()
-    cm_tr = st.class_means("logits", "train")
-    cm_te = st.class_means("logits", "test")
-    colors = ["C0", "C1", "C2", "C3", "C4"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), constrained_layout=True)
-    for k, ax in enumerate(axes[0]):
-        for j in range(cfg.num_classes):
-            ax.plot(t, cm_tr[:, k, j], color=colors[j], lw=1.6, label=f"logit {names[j]}")
-            ax.plot(t, cm_te[:, k, j], color=colors[j], lw=1.0, ls="--")
-        ax.set_title(f"class-mean logits of class '{names[k]}'")
-        ax.set_xlabel("lr-scaled time t = step x lr")
-        ax.axhline(0, color="0.7", lw=0.5)
-        if k == 0:
-            ax.legend(fontsize=8, title="solid: train, dashed: test", title_fontsize=8)
-    ax = axes[1, 0]
-    ax.plot(t, met["train_acc"], label="train (600 fixed)")
-    ax.plot(t, met["test_acc"], label="test (600 fixed)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("accuracy")
-    ax.set_xlabel("lr-scaled time t")
-    ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    ax.plot(t, met["train_loss"], label="train")
-    ax.plot(t, met["test_loss"], label="test")
-    ax.set_yscale("log")
-    ax.set_title("cross-entropy loss")
-    ax.set_xlabel("lr-scaled time t")
-    ax.legend(fontsize=8)
-    ax = axes[1, 2]
-    if cfg.impacts_every:
-        imp = st.impacts()
-        ax.plot(imp["time"], imp["alpha"], "o-", label=r"$\hat\alpha$ (intra-class)")
-        ax.plot(imp["time"], imp["beta"], "s-", label=r"$\hat\beta$ (inter-class)")
+    names = [str(c) for c in summary["class_names"]]
+    K = len(names)
+    t = np.asarray(summary["time"], dtype=float)
+    cm_tr, cm_te = summary["class_mean_logits_train"], summary["class_mean_logits_test"]
+    with style():
+        fig = new_figure(7.2, 4.9)
+        axes = fig.subplots(2, 3)
+        for k, ax in enumerate(axes[0]):
+            for j in range(K):
+                ax.plot(t, cm_tr[:, k, j], color=color(j), lw=1.4)
+                ax.plot(t, cm_te[:, k, j], color=color(j), lw=1.0, ls="--")
+            ax.set_title(f"the {names[k]} images")
+            ax.axhline(0, color="0.6", lw=0.5)
+            ax.set_ylabel("class-mean logit")
+        ax = axes[1, 0]
+        ax.plot(t, summary["train_acc"], color="0.15", lw=1.4)
+        ax.plot(t, summary["test_acc"], color="0.15", lw=1.0, ls="--")
+        ax.axhline(1 / K, color="0.5", lw=0.8, ls=":")
+        ax.set_ylim(0, 1.02)
+        ax.set(title="accuracy (600 fixed images each)", ylabel="accuracy")
+        ax = axes[1, 1]
+        ax.plot(t, summary["train_loss"], color="0.15", lw=1.4)
+        ax.plot(t, summary["test_loss"], color="0.15", lw=1.0, ls="--")
+        ax.axhline(np.log(K), color="0.5", lw=0.8, ls=":")
         ax.set_yscale("log")
-        ax.set_title(f"measured impacts (logits, {cfg.impacts_per_class}/class)")
-        ax.set_xlabel("lr-scaled time t")
-        ax.legend(fontsize=8)
-    else:
-        ax.set_axis_off()
-    fig.suptitle(f"CIFAR-10 {', '.join(names)}: ResNet-18 x{cfg.net_kwargs.get('width', 1)}, "
-                 f"SGD lr {cfg.lr}, momentum {cfg.momentum}, batch {cfg.batch_size}; "
-                 f"{cfg.track_per_class} tracked train samples per class")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set(title="cross-entropy loss", ylabel="loss (nats)")
+        ax = axes[1, 2]
+        if "alpha" in summary:
+            ax.plot(summary["impact_time"], summary["alpha"], "o-", color=color(3), ms=3)
+            ax.plot(summary["impact_time"], summary["beta"], "s--", color=color(4), ms=3)
+            ax.set_yscale("log")
+            ax.set(title=f"impacts measured on the network\n(logits, "
+                   f"{config['impacts_per_class']} images per class)",
+                   ylabel=r"impact per unit $t$")
+        else:
+            ax.set_axis_off()
+        for ax in axes.ravel():
+            ax.set_xlabel(r"time $t$ (steps $\times$ lr)")
+        handles = [Line2D([], [], color=color(j), lw=1.4, label=f"logit of {names[j]}")
+                   for j in range(K)]
+        handles += [Line2D([], [], color="0.15", lw=1.4, label="train (tracked / fixed images)"),
+                    Line2D([], [], color="0.15", lw=1.0, ls="--", label="test"),
+                    Line2D([], [], color="0.5", lw=0.8, ls=":", label=f"chance (1/{K}, log {K})")]
+        if "alpha" in summary:
+            handles += [Line2D([], [], color=color(3), marker="o", ms=3, label=r"$\hat\alpha$ (intra-class)"),
+                        Line2D([], [], color=color(4), marker="s", ms=3, ls="--",
+                               label=r"$\hat\beta$ (inter-class)")]
+        legend_outside(fig, handles, where="bottom", ncol=4)
+        width = config.get("net_kwargs", {}).get("width", 1)
+        fig.suptitle(f"CIFAR-10 {', '.join(names)}: ResNet-18 (width {width:g}), SGD lr "
+                     f"{config['lr']:g}, momentum {config['momentum']:g},\nbatch "
+                     f"{config['batch_size']}; {config['track_per_class']} tracked train images "
+                     "per class")
+        return save_figure(fig, path, formats)
+
+
+def redraw(formats=None) -> list:
+    """The figure again from the committed summary and config (no store, no training)."""
+    summary = dict(np.load(os.path.join(HERE, "cifar10_resnet18_summary.npz")))
+    with open(os.path.join(HERE, "cifar10_resnet18_config.json")) as fh:
+        config = json.load(fh)
+    return _figure(summary, config, os.path.join(HERE, "cifar10_resnet18_logits.png"), formats)
 
 
 def main() -> None:
@@ -158,7 +176,13 @@ def main() -> None:
     p.add_argument("--store", default=os.path.join("runs", "cifar10_resnet18"))
     p.add_argument("--epochs", type=float, default=20.0)
     p.add_argument("--export-only", action="store_true")
+    p.add_argument("--figure-only", action="store_true",
+                   help="redraw cifar10_resnet18_logits.png from the committed summary (no store)")
     args = p.parse_args()
+    if args.figure_only:
+        for path in redraw():
+            print(f"wrote {os.path.relpath(path)}")
+        return
     if not args.export_only:
         train(args.store, args.epochs)
     export(args.store)

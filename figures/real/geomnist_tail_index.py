@@ -19,6 +19,7 @@ per-sample logits, which these summaries do not hold.
 Usage (from the repository root)::
 
     python figures/real/geomnist_tail_index.py
+    python figures/real/geomnist_tail_index.py --figure-only   # redraw from the committed CSV
 """
 from __future__ import annotations
 
@@ -74,42 +75,83 @@ def collect(tail_iterations: float, tail_fraction: float) -> list:
     return out
 
 
-def plot(rows: list, path: str) -> str:
-    from lesde.figures import _plt, _save
+#: a run whose test accuracy stays below this has not learned (chance is 1/3): its A(t) is noise
+#: about 0 and its tail index is not meaningful (figures/real/fit_results.md); drawn hollow
+LEARNED = 0.5
 
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
-    for g, steps in enumerate(sorted({r["steps"] for r in rows})):
-        sel = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["p_err"])
-        p = np.array([r["p_err"] for r in sel]) + 0.006 * g
-        ls, mfc = ("-", None) if g == 0 else ("--", "none")
-        tag = f"{steps:,} steps"
-        axes[0].plot(p, [r["r_paper_A_authors"] for r in sel], marker="o", ls=ls, mfc=mfc,
-                     color="C0", label=f"paper's definition, alpha, {tag}")
-        axes[0].plot(p, [r["r_paper_B_authors"] for r in sel], marker="x", ls=ls, color="C1",
-                     label=f"paper's definition, beta, {tag}")
-        axes[1].errorbar(p, [r["r_slope_A_authors"] for r in sel],
-                         yerr=[2 * r["r_slope_A_se_authors"] for r in sel], marker="s", ls=ls,
-                         mfc=mfc, color="C2", capsize=3, label=f"log-log slope of A(t), {tag}")
-    pe = sorted(PAPER)
-    axes[0].plot(pe, [PAPER[k] for k in pe], "k*", ms=11, label="paper, Fig. 4c (reported)")
-    axes[0].set_ylabel("r = 1 - mean log A(t) / log t\n(last 1,000 iterations, t in iterations)")
-    axes[1].set_ylabel("r = 1 - d log A / d log t\n(last half of log-time; bars: 2 s.e.)")
-    for ax in axes:
-        ax.axhline(1.0, color="0.5", lw=0.6, ls=":")
-        ax.set_xlabel("label noise p_err")
-        ax.legend(fontsize=7)
-    fig.suptitle("GeoMNIST, LeNet, SGD batch 1, lr 0.005: tail index of the intra-class impact "
-                 "(I-estimator A(t), the authors' combination of coordinates)", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+
+def plot(rows: list, path: str, formats=None) -> str:
+    """Both tail indices against p_err in the package's style; runs that did not learn are
+    drawn hollow and grey and are not joined to the others."""
+    from matplotlib.lines import Line2D
+
+    from lesde.plotting import color, legend_outside, new_figure, save_figure, style
+
+    with style():
+        fig = new_figure(7.2, 3.3)
+        axes = fig.subplots(1, 2)
+        handles = []
+        for g, steps in enumerate(sorted({int(r["steps"]) for r in rows})):
+            sel = sorted((r for r in rows if int(r["steps"]) == steps), key=lambda r: r["p_err"])
+            ls = "-" if g == 0 else "--"
+            mk = ("o", "s")[g]
+            tag = f"{steps:,} steps"
+            for ax, key, c, err in ((axes[0], "r_paper_A_authors", color(0), None),
+                                    (axes[0], "r_paper_B_authors", color(1), None),
+                                    (axes[1], "r_slope_A_authors", color(2), "r_slope_A_se_authors")):
+                ok = [r for r in sel if r["test_acc"] >= LEARNED]
+                bad = [r for r in sel if r["test_acc"] < LEARNED]
+                for part, fill in ((ok, c), (bad, "none")):
+                    if not part:
+                        continue
+                    x = np.array([r["p_err"] for r in part]) + 0.008 * g
+                    y = [r[key] for r in part]
+                    yerr = [2 * r[err] for r in part] if err else None
+                    ax.errorbar(x, y, yerr=yerr, marker=mk, ms=4.5, ls=ls if fill != "none" else "none",
+                                color=c if fill != "none" else "0.55", mfc=fill,
+                                mec=c if fill != "none" else "0.55", lw=1.2, capsize=2)
+            handles.append(Line2D([], [], color="0.3", ls=ls, marker=mk, ms=4.5, label=tag))
+        pe = sorted(PAPER)
+        axes[0].plot(pe, [PAPER[k] for k in pe], "k*", ms=9)
+        handles += [Line2D([], [], color=color(0), lw=1.2, label=r"paper's definition on $A$ ($\alpha$)"),
+                    Line2D([], [], color=color(1), lw=1.2, label=r"paper's definition on $B$ ($\beta$)"),
+                    Line2D([], [], color=color(2), lw=1.2, label=r"log-log slope of $A(t)$ ($\pm 2$ SE)"),
+                    Line2D([], [], color="k", marker="*", ms=9, ls="none", label="paper, Fig. 4c (reported)"),
+                    Line2D([], [], color="0.55", marker="o", mfc="none", ms=4.5, ls="none",
+                           label=f"network did not learn (test accuracy < {LEARNED}): not meaningful")]
+        axes[0].set_ylabel(r"$r = 1 - \langle \log A(t) / \log t \rangle$" "\n(last 1,000 iterations, "
+                           r"$t$ in iterations)")
+        axes[1].set_ylabel(r"$r = 1 - d \log A / d \log t$" "\n(last half of the log-time range)")
+        axes[0].set_title("the paper's tail index")
+        axes[1].set_title("log-log slope")
+        for ax in axes:
+            ax.axhline(1.0, color="0.5", lw=0.6, ls=":")
+            ax.set_xlabel(r"label noise $p_{err}$")
+        legend_outside(fig, handles, where="bottom", ncol=3)
+        fig.suptitle("GeoMNIST, LeNet, SGD batch 1, lr 0.005: tail index of the intra-class impact\n"
+                     "(I-estimator $A(t)$, the authors' combination of coordinates)")
+        return save_figure(fig, path, formats)[0]
+
+
+def read_rows(path: str) -> list:
+    """The rows of a committed ``geomnist_tail_index.csv`` (numbers as floats)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: (v if k == "run" else float(v)) for k, v in r.items()} for r in rows]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tail-iterations", type=float, default=1000.0)
     ap.add_argument("--tail", type=float, default=0.5)
+    ap.add_argument("--figure-only", action="store_true",
+                    help="redraw geomnist_tail_index.png from the committed CSV (nothing recomputed)")
     args = ap.parse_args(argv)
+    if args.figure_only:
+        path = plot(read_rows(os.path.join(HERE, "geomnist_tail_index.csv")),
+                    os.path.join(HERE, "geomnist_tail_index.png"))
+        print(f"wrote {os.path.relpath(path)}")
+        return
     rows = collect(args.tail_iterations, args.tail)
     keys = list(rows[0])
     with open(os.path.join(HERE, "geomnist_tail_index.csv"), "w", newline="") as fh:
