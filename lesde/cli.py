@@ -1114,7 +1114,7 @@ def _add_elasticity(sub):
         "arXiv 2111.01166). Results go to --out as CSV plus figures.",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data sample, initialisation)")
     p.add_argument("--out", default="elasticity_out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_elasticity)
@@ -1126,7 +1126,7 @@ def _add_elasticity(sub):
                        help="CIFAR-10 (batches dir, image folder or zip), or 'digits' for "
                        "scikit-learn's 8x8 digits (no download)")
         q.add_argument("--classes", nargs="+", default=classes, help="class names or indices")
-        q.add_argument("--per-class", type=int, default=per_class)
+        q.add_argument("--per-class", type=int, default=per_class, help="images per class")
 
     def act_args(q, default):
         q.add_argument("--activations", nargs="+", default=default,
@@ -1139,52 +1139,59 @@ def _add_elasticity(sub):
 
     t = jobs.add_parser("torus", help="S_rel vs geodesic distance on the torus curves, per "
                         "activation, at initialisation and after training")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    t.add_argument("--hidden", type=int, default=512)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="seeds, one network per seed and activation")
+    t.add_argument("--hidden", type=int, default=512, help="hidden width of the two-layer network")
     t.add_argument("--steps", type=int, nargs="+", default=[0, 2000],
                    help="full-batch SGD steps before probing (0 = at initialisation)")
     t.add_argument("--lr", type=float, default=0.01, help="SGD step (the linear net uses --lr-linear)")
-    t.add_argument("--lr-linear", type=float, default=0.001)
+    t.add_argument("--lr-linear", type=float, default=0.001, help="SGD step of the linear network")
     act_args(t, ["relu", "tanh", "elephant", "elephant_spread", "linear"])
 
     m = jobs.add_parser("matrix", help="pairwise S matrix (row = update, column = probe)")
     data_args(m, ["0", "1"], 50)
-    m.add_argument("--kind", choices=["relative", "kernelized", "kl"], default="relative")
-    m.add_argument("--method", choices=["ntk", "step"], default="ntk")
+    m.add_argument("--kind", choices=["relative", "kernelized", "kl"], default="relative",
+                   help="S_rel (He & Su), S_ker (He & Su) or Dan et al.'s KL relative similarity")
+    m.add_argument("--method", choices=["ntk", "step"], default="ntk",
+                   help="ntk: the eta -> 0 limit through the empirical NTK; step: an explicit step of --lr")
     m.add_argument("--lr", type=float, default=1e-4, help="probe step size eta")
     m.add_argument("--normalize", action="store_true", help="normalised kernel")
-    m.add_argument("--hidden", type=int, default=512)
+    m.add_argument("--hidden", type=int, default=512, help="hidden width of the two-layer network")
     m.add_argument("--activation", default="relu", help="relu, tanh or linear")
 
     c = jobs.add_parser("cluster", help="He & Su's LE clustering of class pairs + baselines, "
                         "several seeds, with chance levels")
-    c.add_argument("--data", default="digits")
+    c.add_argument("--data", default="digits",
+                   help="CIFAR-10 (batches dir, image folder or zip), or 'digits' (scikit-learn's)")
     c.add_argument("--pairs", nargs="+", default=["3-5"],
                    help="class pairs a-b, e.g. automobile-cat deer-dog (or 3-5 for digits)")
     c.add_argument("--per-class", type=int, default=500, help="primary images per class")
     c.add_argument("--aux", choices=["hesu", "others"], default="hesu",
                    help="hesu: He & Su's auxiliary classes for the pair (CIFAR-10), --aux-total "
                    "images; others: --aux-per-class from each other class")
-    c.add_argument("--aux-total", type=int, default=1000)
-    c.add_argument("--aux-per-class", type=int, default=50)
+    c.add_argument("--aux-total", type=int, default=1000, help="auxiliary images in all (--aux hesu)")
+    c.add_argument("--aux-per-class", type=int, default=50,
+                   help="auxiliary images from each other class (--aux others)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="each seed: data sample, initialisation, shuffling, K-means")
     c.add_argument("--kernel-widths", nargs="*", default=["inf", "40960"],
                    help="widths of the closed-form two-layer NTK (relu and linear; 'inf' = limit)")
     c.add_argument("--outputs", nargs="+", default=["logits", "probabilities"],
-                   choices=["logits", "probabilities"])
+                   choices=["logits", "probabilities"],
+                   help="network outputs whose similarities are clustered")
     c.add_argument("--trained-width", type=int, default=0,
                    help="also train real networks of this width (0: none), --activations")
     c.add_argument("--init-kernel-width", type=int, default=0,
                    help="also networks of this width in the kernel regime: the exact NTK at "
                    "initialisation, trained in function space (0: none), --activations")
     act_args(c, ["relu", "linear"])
-    c.add_argument("--epochs", type=int, default=200)
+    c.add_argument("--epochs", type=int, default=200, help="training epochs (He & Su's)")
     c.add_argument("--lr", type=float, default=3e-3,
                    help="SGD step at width 40,960 (He & Su); a width-m network uses lr * 40960 / m, "
                    "the same step in function space")
-    c.add_argument("--batch-size", type=int, default=500)
-    c.add_argument("--loss", choices=["bce", "mse"], default="bce")
+    c.add_argument("--batch-size", type=int, default=500, help="mini-batch size")
+    c.add_argument("--loss", choices=["bce", "mse"], default="bce",
+                   help="training loss: binary cross-entropy or mean squared error")
     c.add_argument("--replot", action="store_true",
                    help="only redraw clustering.png from the clustering_summary.csv in --out")
 
@@ -1199,15 +1206,15 @@ def _add_elasticity(sub):
     k.add_argument("--activation", default="relu",
                    help="MLP activation (relu, tanh, elephant, elephant_spread, linear)")
     k.add_argument("--elephant-a", type=float, default=None, help="elephant half-width a (default 0.25)")
-    k.add_argument("--elephant-d", type=float, default=4.0)
+    k.add_argument("--elephant-d", type=float, default=4.0, help="elephant power d")
     k.add_argument("--bias-spread", type=float, default=None,
                    help="sd of the spread first-layer biases of elephant_spread")
     k.add_argument("--probes", type=int, default=20, help="probe examples per class")
     k.add_argument("--test-per-class", type=int, default=1000, help="held-out test images per class")
-    k.add_argument("--epochs", type=int, default=7)
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--lr", type=float, default=1e-4)
-    k.add_argument("--weight-decay", type=float, default=1e-4)
+    k.add_argument("--epochs", type=int, default=7, help="training epochs")
+    k.add_argument("--batch-size", type=int, default=256, help="mini-batch size")
+    k.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    k.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
     k.add_argument("--every", type=int, default=9, help="minibatches between records")
     k.add_argument("--schedule", choices=["epoch", "global"], default="epoch",
                    help="epoch: after minibatch b of each epoch with b %% every == 0 (their code)")
@@ -2128,7 +2135,7 @@ def _add_fit(sub):
                    help="drift field: identity, label_projection, cross_entropy (default: "
                    "cross_entropy when p = K, else identity)")
     m.add_argument("--matrix", choices=("intra_inter", "full"), default="intra_inter",
-                   help="E = (alpha - beta) I + beta 11^T (default) or a full K x K matrix")
+                   help="intra_inter: E = (alpha - beta) I + beta 11^T; full: a K x K matrix")
     m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
                    default="piecewise_linear", help="how E depends on t (default piecewise_linear)")
     m.add_argument("--knots", default=None,
@@ -2142,7 +2149,8 @@ def _add_fit(sub):
                    choices=("auto", "sandwich", "parametric", "samples", "trials", "both", "none"),
                    help="band method (default auto: parametric bootstrap when --n-bootstrap > 0)")
     b.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (200)")
-    b.add_argument("--interval", choices=("basic", "percentile", "normal"), default="basic")
+    b.add_argument("--interval", choices=("basic", "percentile", "normal"), default="basic",
+                   help="bootstrap interval: basic (2 theta - quantiles), percentile, or normal")
     b.add_argument("--level", type=float, default=0.95, help="level of the bands (0.95)")
     b.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap refits")
     b.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
@@ -2159,7 +2167,8 @@ def _add_fit(sub):
     o.add_argument("--quadrature", choices=("trapezoid", "left"), default="trapezoid",
                    help="regression: quadrature rule over a log interval")
     o.add_argument("--on-reversed", choices=("abs", "nan", "raise"), default="abs",
-                   help="I/L estimators: a mode turned against its start (default: magnitude)")
+                   help="I/L estimators, a mode turned against its start: abs (its magnitude), "
+                   "nan or raise")
     o.add_argument("--tail", type=float, default=0.5,
                    help="log-log tail index: fraction (0, 1] of the log-time range (0.5)")
     o.add_argument("--tail-iterations", type=float, default=1000.0,
@@ -2171,7 +2180,7 @@ def _add_fit(sub):
                    help="simulated paths per model of the comparison (50)")
     o.add_argument("--gof-paths", type=int, default=0,
                    help="simulate this many paths of each fitted SDE over the whole log (0: skip)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and simulated paths")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(func=_run_fit)
 
