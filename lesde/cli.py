@@ -885,7 +885,7 @@ def _run_phase(args):
     for T, g in table.groupby("T"):
         print(f"  T = {T:g}: mean P(separable) {g['p_sep'].mean():.3f} (order parameter), "
               f"{g['p_lp'].mean():.3f} (LP, any affine classifier)")
-    print(f"wrote {args.out}/chunks/ (one file per finished chunk) and {args.out}/config.json")
+    print(f"wrote {args.out}/chunks/ (one file per completed chunk) and {args.out}/config.json")
     if done:
         print(f"wrote {args.out}/runs.parquet (one row per run)")
         print(f"wrote {args.out}/table.csv")
@@ -2315,9 +2315,13 @@ def _run_fit(args):
             info = {"A_final": float(est.A_[-1]), "B_final": float(est.B_[-1]),
                     "window": float(est.window_), "reversed_times": int(est.n_reversed_),
                     "fraction_alpha_gt_beta": float(np.mean(est.alpha_ > est.beta_))}
-            if est.bands_:
-                info["A_final_band"] = est.bands_["A"][:, -1].tolist()
-                info["B_final_band"] = est.bands_["B"][:, -1].tolist()
+            if est.bands_:  # a band only beside a value: no "A_final": null with a band
+                for key, value in (("A", est.A_[-1]), ("B", est.B_[-1])):
+                    if np.isfinite(value):
+                        info[f"{key}_final_band"] = est.bands_[key][:, -1].tolist()
+                    else:
+                        info[f"{key}_final_note"] = ("undefined at the last time (a mode turned "
+                                                     "against its start, --on-reversed); no band")
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)

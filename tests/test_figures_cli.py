@@ -188,3 +188,24 @@ def _walk(parser):
     if sub is not None:
         for child in dict.fromkeys(sub.choices.values()):
             yield from _walk(child)
+
+
+def test_commands_say_what_they_wrote_and_that_they_finished(tmp_path, capsys):
+    out = tmp_path / "sol.npz"
+    assert main(["simulate", "--n", "4", "--T", "2", "--saves", "3", "--no-progress",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "final training cross-entropy" in text  # headline numbers
+    assert f"wrote {out}" in text and "lesde simulate: finished in" in text
+    # a sweep stopped by --max-chunks says so and does not claim to be finished
+    sweep = tmp_path / "s"
+    args = ["phase", "--alpha", "0.5,1", "--beta", "0.2", "--times", "2", "--saves", "3", "--n", "4",
+            "--replicates", "1", "--chunk-size", "1", "--no-progress", "-o", str(sweep)]
+    assert main(args + ["--max-chunks", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "stopped (resume with the same command)" in text and "lesde phase: finished" not in text
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for path in ("chunks/", "config.json", "runs.parquet", "table.csv"):
+        assert f"{sweep}/{path}" in text, path
+    assert "mean P(separable)" in text and "lesde phase: finished in" in text
