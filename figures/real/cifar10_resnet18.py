@@ -163,7 +163,7 @@ def _figure(summary, config: dict, path: str, formats=None) -> list:
         return save_figure(fig, path, formats)
 
 
-def redraw(formats=None) -> list:
+def redraw(formats=("png", "pdf", "svg")) -> list:
     """The figure again from the committed summary and config (no store, no training)."""
     summary = dict(np.load(os.path.join(HERE, "cifar10_resnet18_summary.npz")))
     with open(os.path.join(HERE, "cifar10_resnet18_config.json")) as fh:

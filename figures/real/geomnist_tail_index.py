@@ -80,7 +80,7 @@ def collect(tail_iterations: float, tail_fraction: float) -> list:
 LEARNED = 0.5
 
 
-def plot(rows: list, path: str, formats=None) -> str:
+def plot(rows: list, path: str, formats=("png", "pdf", "svg")) -> str:
     """Both tail indices against p_err in the package's style; runs that did not learn are
     drawn hollow and grey and are not joined to the others."""
     from matplotlib.lines import Line2D
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     if args.figure_only:
         path = plot(read_rows(os.path.join(HERE, "geomnist_tail_index.csv")),
                     os.path.join(HERE, "geomnist_tail_index.png"))
-        print(f"wrote {os.path.relpath(path)}")
+        print(f"wrote {os.path.relpath(path)} (and the .pdf, .svg beside it)")
         return
     rows = collect(args.tail_iterations, args.tail)
     keys = list(rows[0])
