@@ -209,3 +209,35 @@ def test_commands_say_what_they_wrote_and_that_they_finished(tmp_path, capsys):
     for path in ("chunks/", "config.json", "runs.parquet", "table.csv"):
         assert f"{sweep}/{path}" in text, path
     assert "mean P(separable)" in text and "lesde phase: finished in" in text
+
+
+def _script(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_run_figures_redraw_from_committed_results_alone(tmp_path):
+    """The real-run, fit and protocol figures redraw from the committed files (copied here):
+    no trajectory store, no data, no training, no refit."""
+    fits = _script(os.path.join(FIGURES, "real", "redraw_fit_figures.py"))
+    folder = tmp_path / "fit_geomnist_p067"
+    shutil.copytree(os.path.join(FIGURES, "real", "fit_geomnist_p067"), folder)
+    for f in folder.glob("*.png"):
+        f.unlink()
+    wrote = fits.redraw(str(folder), ["png"])
+    assert {os.path.basename(p) for p in wrote} == {"fit.png", "goodness_of_fit.png",
+                                                   "goodness_of_fit_i.png"}
+    assert all(os.path.getsize(p) > 10_000 for p in wrote)
+    summaries = _script(os.path.join(FIGURES, "paper", "redraw_summary_figures.py"))
+    folder = tmp_path / "dense"
+    shutil.copytree(os.path.join(FIGURES, "paper", "zhang2021-geomnist-dense"), folder)
+    (folder / "summary.png").unlink()
+    assert os.path.getsize(summaries.redraw(str(folder), ["png"])) > 10_000
+    tail = _script(os.path.join(FIGURES, "real", "geomnist_tail_index.py"))
+    rows = tail.read_rows(os.path.join(FIGURES, "real", "geomnist_tail_index.csv"))
+    out = tail.plot(rows, str(tmp_path / "tail.png"), formats=("png",))
+    assert os.path.getsize(out) > 10_000 and len(rows) == 6
