@@ -21,11 +21,12 @@ coverage matrix of the bands.
    cell) and, in the marked cells, the parametric bootstrap with 40 resamples (basic, normal
    and percentile intervals from the same resamples). Coverage of alpha(t) and beta(t) at a
    quarter, half and three quarters of the run (for the full E: every entry at half time).
-   Results are written after every cell (``--out``), and a rerun skips finished cells.
+   Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
+   many replicates per pass, and a rerun continues where a stopped run left off.
 
     python benchmarks/bench_fit.py exact
     python benchmarks/bench_fit.py timing [--out FILE.json]
-    nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 \\
+    nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 --chunk 5 \\
         --out benchmarks/results_fit_coverage.json
 """
 from __future__ import annotations
@@ -182,66 +183,86 @@ def _cover(est, band, tq, truth, idx):
     return out
 
 
-def run_cell(c: dict, reps: int, seed: int, n_boot: int = 40) -> dict:
+def run_cell(c: dict, reps: int, seed: int, n_boot: int = 40, prev: dict = None) -> dict:
+    """``reps`` more replicates of cell c (drawn with ``seed``), merged into ``prev`` (the
+    cell's earlier result, whose raw per-replicate records are kept) when given."""
     t0 = time.perf_counter()
     tq, truth = _targets(c)
     logs = simulate_logs(c, reps, seed)
     idx = np.searchsorted(logs[0].ts, tq - 1e-9)
     methods = ["sandwich"] + (["parametric basic", "parametric normal", "parametric percentile"]
                               if c["parametric"] else [])
-    hits = {mth: {name: np.zeros(v.size) for name, v in truth.items()} for mth in methods}
-    width = {mth: {name: [] for name in truth} for mth in methods}
-    err, fit_s, boot_s, warned = {name: [] for name in truth}, [], [], 0
+    raw = copy.deepcopy(prev["raw"]) if prev else {
+        "hits": {mth: {name: [] for name in truth} for mth in methods},
+        "width": {mth: {name: [] for name in truth} for mth in methods},
+        "err": {name: [] for name in truth}, "fit_s": [], "boot_s": [], "warned": 0,
+        "seeds": [], "seconds": 0.0}
+    raw["seeds"].append([seed, reps])
     for r, tr in enumerate(logs):
+        rs = seed * 1000 + r
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            est = _estimator(c, bootstrap="sandwich", seed=r).fit(tr)
-        warned += any("not identified" in str(x.message) for x in w)
-        fit_s.append(time.perf_counter() - t1)
+            est = _estimator(c, bootstrap="sandwich", seed=rs).fit(tr)
+        raw["warned"] += any("not identified" in str(x.message) for x in w)
+        raw["fit_s"].append(time.perf_counter() - t1)
         q = est.quantities(est.theta_)
         for name, v in truth.items():
-            err[name].append((q[name][idx] - v).reshape(-1))
+            raw["err"][name].append((q[name][idx] - v).reshape(-1).tolist())
         for name, hit in _cover(est, est.bands_, tq, truth, idx).items():
-            hits["sandwich"][name] += hit
-            width["sandwich"][name].append(np.diff(est.bands_[name][:, idx], axis=0).ravel())
+            raw["hits"]["sandwich"][name].append(hit.astype(int).tolist())
+            raw["width"]["sandwich"][name].append(
+                np.diff(est.bands_[name][:, idx], axis=0).ravel().tolist())
         if c["parametric"]:
             t1 = time.perf_counter()
             pb = copy.copy(est)
             pb.n_bootstrap, pb.bands_, pb.se_ = n_boot, {}, {}
-            pb.seed = 10_000 + r
+            pb.seed = 10_000 + rs
             shooting_bands(pb, tr, "parametric")
             reps_q = pb.quantities(pb.bootstrap_theta_)
-            boot_s.append(time.perf_counter() - t1)
+            raw["boot_s"].append(time.perf_counter() - t1)
             for interval in ("basic", "normal", "percentile"):
                 band = {name: band_from_replicates(q[name], reps_q[name], 0.95, interval)
                         for name in truth}
                 for name, hit in _cover(pb, band, tq, truth, idx).items():
-                    hits[f"parametric {interval}"][name] += hit
-                    width[f"parametric {interval}"][name].append(
-                        np.diff(band[name][:, idx], axis=0).ravel())
-    out = {"cell": c, "replicates": reps, "times": tq.tolist(),
-           "truth": {k: v.tolist() for k, v in truth.items()},
-           "coverage": {mth: {name: (h / reps).tolist() for name, h in hv.items()}
-                        for mth, hv in hits.items()},
-           "coverage_min": {mth: float(min(np.min(h) for h in hv.values()) / reps)
-                            for mth, hv in hits.items()},
-           "coverage_mean": {mth: float(np.mean(np.concatenate(list(hv.values()))) / reps)
-                             for mth, hv in hits.items()},
-           "mean_width": {mth: {name: np.mean(np.stack(wv), axis=0).tolist()
-                                for name, wv in wd.items()} for mth, wd in width.items()},
-           "bias": {name: np.mean(np.stack(e), axis=0).tolist() for name, e in err.items()},
-           "sd": {name: np.std(np.stack(e), axis=0, ddof=1).tolist() for name, e in err.items()},
-           "not_identified_warnings": int(warned),
-           "fit_seconds_median": float(np.median(fit_s)),
-           "bootstrap_seconds_median": float(np.median(boot_s)) if boot_s else None,
-           "cell_seconds": time.perf_counter() - t0}
-    return out
+                    raw["hits"][f"parametric {interval}"][name].append(hit.astype(int).tolist())
+                    raw["width"][f"parametric {interval}"][name].append(
+                        np.diff(band[name][:, idx], axis=0).ravel().tolist())
+    raw["seconds"] += time.perf_counter() - t0
+    n = len(raw["fit_s"])
+    hits = {mth: {name: np.asarray(h, float) for name, h in hv.items()}
+            for mth, hv in raw["hits"].items()}
+    cov = {mth: {name: h.mean(0) for name, h in hv.items()} for mth, hv in hits.items()}
+    return {"cell": c, "replicates": n, "times": tq.tolist(),
+            "truth": {k: v.tolist() for k, v in truth.items()},
+            "coverage": {mth: {name: v.tolist() for name, v in cv.items()}
+                         for mth, cv in cov.items()},
+            "coverage_min": {mth: float(min(np.min(v) for v in cv.values()))
+                             for mth, cv in cov.items()},
+            "coverage_mean": {mth: float(np.mean(np.concatenate(list(cv.values()))))
+                              for mth, cv in cov.items()},
+            "mean_width": {mth: {name: np.mean(np.asarray(w), axis=0).tolist()
+                                 for name, w in wd.items()} for mth, wd in raw["width"].items()},
+            "bias": {name: np.mean(np.asarray(e), axis=0).tolist()
+                     for name, e in raw["err"].items()},
+            "sd": {name: (np.std(np.asarray(e), axis=0, ddof=1).tolist() if n > 1 else None)
+                   for name, e in raw["err"].items()},
+            "not_identified_warnings": int(raw["warned"]),
+            "fit_seconds_median": float(np.median(raw["fit_s"])),
+            "bootstrap_seconds_median": float(np.median(raw["boot_s"])) if raw["boot_s"]
+            else None,
+            "cell_seconds": raw["seconds"], "raw": raw}
 
 
 def coverage(args) -> dict:
+    """Every cell (or those of --cells, in that order) in passes of --chunk replicates, until
+    each has --replicates: a run stopped at any time leaves every cell with about the same
+    count, and a rerun of the same command continues where it stopped."""
     cells = _cells()
     names = list(cells) if not args.cells else [n.strip() for n in args.cells.split(";")]
+    unknown = [n for n in names if n not in cells]
+    if unknown:
+        raise SystemExit(f"unknown cells {unknown}; the cells are {list(cells)}")
     results = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as fh:
@@ -249,17 +270,27 @@ def coverage(args) -> dict:
     results.setdefault("cells", {})
     results.update({"machine": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads()})
-    for name in names:
-        if name in results["cells"] and results["cells"][name]["replicates"] >= args.replicates:
-            continue
-        res = run_cell(cells[name], args.replicates, seed=zlib.crc32(name.encode()) % 10 ** 6)
-        results["cells"][name] = res
-        print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
-            f"{mth}: min {res['coverage_min'][mth]:.3f} mean {res['coverage_mean'][mth]:.3f}"
-            for mth in res["coverage_min"]) + f"  ({res['cell_seconds']:.0f} s)", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(results, fh, indent=1)
+    chunk = args.chunk or args.replicates
+    while True:
+        todo = [n for n in names if results["cells"].get(n, {}).get("replicates", 0)
+                < args.replicates]
+        if not todo:
+            break
+        for name in todo:
+            prev = results["cells"].get(name)
+            done = prev["replicates"] if prev else 0
+            k = min(chunk, args.replicates - done)
+            seed = (zlib.crc32(name.encode()) + 7919 * done) % 10 ** 6
+            res = run_cell(cells[name], k, seed=seed, prev=prev)
+            results["cells"][name] = res
+            print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
+                f"{mth}: min {res['coverage_min'][mth]:.3f} mean {res['coverage_mean'][mth]:.3f}"
+                for mth in res["coverage_min"]) + f"  ({res['cell_seconds']:.0f} s)", flush=True)
+            if args.out:
+                tmp = args.out + ".tmp"
+                with open(tmp, "w") as fh:
+                    json.dump(results, fh, indent=1)
+                os.replace(tmp, args.out)
     return results
 
 
@@ -380,6 +411,8 @@ def main(argv=None):
     parser.add_argument("job", choices=("exact", "timing", "coverage"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="coverage: replicates added to every cell per pass (default: all)")
     parser.add_argument("--cells", default=None, help="semicolon-separated cell names")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

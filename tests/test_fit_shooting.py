@@ -213,6 +213,25 @@ def test_one_sample_per_class_is_an_error_not_a_zero_band():
 
     with pytest.raises(ValueError, match="width zero"):
         IEstimator(n_bootstrap=20, bootstrap="samples").fit(tr)
+    # what one sample per class does allow (SGD noise, the quasi-likelihood band) is a band as
+    # wide as its own standard error says, never lo = hi
+    est = ShootingEstimator("cross_entropy", time="constant", noise="sgd",
+                            bootstrap="sandwich").fit(tr)
+    lo, hi = est.bands_["alpha"][:, 0]
+    se = est.se_["alpha"][0]
+    assert se > 0 and np.isclose(hi - lo, 2 * 1.959964 * se, rtol=1e-4)
+    assert lo < est.alpha_[0] < hi
+
+
+def test_lesde_fit_one_sample_per_class_is_a_one_line_error(tmp_path, capsys):
+    from lesde.cli import main
+
+    tr = _noisy_log(n=1, T=11)
+    np.savez(tmp_path / "one.npz", features=tr.features, labels=tr.labels, ts=tr.ts)
+    assert main(["fit", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o"),
+                 "--compare", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "class 0 has 1 tracked sample" in err and "Traceback" not in err
 
 
 def test_bad_shooting_input():
