@@ -432,7 +432,7 @@ def exactness_table(verbose=True) -> list:
 # ============================================================================================
 def timing(args) -> dict:
     out = {}
-    for Kc in (3, 10):
+    for Kc in (int(v) for v in args.kk.split(",")):
         y = np.tile(np.arange(Kc), 100)
         rng = np.random.default_rng(0)
         x0 = 0.5 * rng.standard_normal((y.size, Kc)) + np.linspace(1.0, -1.0, Kc)
@@ -441,16 +441,24 @@ def timing(args) -> dict:
         sol = simulate(sde, x0, ts, 0.02, seed=0)
         tr = Trajectory(ts, sol.states[:, 0], y)
         row = {}
-        for band, nb, jobs in (("sandwich", 0, 1), ("parametric", 200, 2)):
-            t0 = time.perf_counter()
+        for band, nb, jobs in (("sandwich", 0, 1), ("parametric", args.boot, 2)):
+            t0, c0 = time.perf_counter(), time.process_time()
             est = ShootingEstimator("cross_entropy", bootstrap=band, n_bootstrap=nb,
                                     n_jobs=jobs).fit(tr)
             row[band] = time.perf_counter() - t0
+            row[f"{band}_cpu_main_process"] = time.process_time() - c0
+            row["load_average_1min"] = os.getloadavg()[0]
+            if nb:
+                row["parametric_refits"] = nb
+                row["parametric_seconds_per_refit"] = (row[band] - row["sandwich"]) / nb
             print(f"K = {Kc:2d}, T = 132, 100 per class: shooting fit with {band} band"
                   + (f" ({nb} refits over {jobs} processes)" if nb else "")
                   + f": {row[band]:.1f} s ({est.n_evals_} evaluations, "
                   f"{est.n_substeps_} RK4 sub-steps)", flush=True)
-        out[f"K={Kc}"] = row
+            out[f"K={Kc}"] = row
+            if args.out:                                  # partial results survive a stop
+                with open(args.out, "w") as fh:
+                    json.dump(out, fh, indent=1)
     return out
 
 
@@ -459,6 +467,9 @@ def main(argv=None):
     parser.add_argument("job", choices=("exact", "timing", "coverage", "table"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
+    parser.add_argument("--boot", type=int, default=200,
+                        help="timing: parametric-bootstrap refits (default 200)")
+    parser.add_argument("--kk", default="3,10", help="timing: numbers of classes (3,10)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="coverage: replicates added to every cell per pass (default: all)")
     parser.add_argument("--cells", default=None, help="semicolon-separated cell names")
