@@ -16,16 +16,18 @@ coverage matrix of the bands.
    trials, power-law and rise-then-decay impacts, SGD noise, the I and L fields), plus the
    interactions most likely to break coverage (coarse x high noise for each field, SGD noise
    high, the default piecewise-linear form on constant impacts, the full E of the cross-entropy
-   field from 1 and from 4 trials). Each replicate simulates the LE-SDE (Euler-Maruyama, step
-   0.002) from its own initial state and fits it. Bands: the quasi-likelihood sandwich (every
+   field from 1 and from 4 trials). Each replicate simulates the LE-SDE from its own initial
+   state (exact sampling for the I and L fields with additive noise, else Euler-Maruyama with
+   step 0.002) and fits it. Bands: the quasi-likelihood sandwich (every
    cell) and, in the marked cells, the parametric bootstrap with 40 resamples (basic, normal
    and percentile intervals from the same resamples). Coverage of alpha(t) and beta(t) at a
    quarter, half and three quarters of the run (for the full E: every entry at half time).
-   Results are written after every cell (``--out``), and a rerun skips finished cells.
+   Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
+   many replicates per pass, and a rerun continues where a stopped run left off.
 
     python benchmarks/bench_fit.py exact
     python benchmarks/bench_fit.py timing [--out FILE.json]
-    nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 \\
+    nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 --chunk 5 \\
         --out benchmarks/results_fit_coverage.json
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -145,9 +148,14 @@ def simulate_logs(c: dict, reps: int, seed: int) -> list:
     else:
         sde = m.LESDE(y, imp, field, noise="sgd", lr=LR[c["level"]], dim=K)
     ts = _log_times(c)
+    # the linear fields with additive noise are sampled exactly at the log times: Euler's
+    # O(dt) bias of an exponential growth rate (lambda dt / 2 relative, 5e-4 at dt = 0.002)
+    # exceeds these cells' band widths and would be scored against the estimator
+    exact = field in ("identity", "label_projection") and c["noise"] == "additive"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sol = simulate(sde, x0, ts, 0.002, seed=seed)
+        sol = simulate(sde, x0, ts, None if exact else 0.002, seed=seed,
+                       method="exact" if exact else "euler")
     if np.any(sol.overflowed):
         raise RuntimeError(f"cell {c}: a simulation overflowed")
     st = np.transpose(sol.states, (1, 0, 2, 3)).reshape(reps, R, len(ts), y.size, K)
@@ -182,66 +190,86 @@ def _cover(est, band, tq, truth, idx):
     return out
 
 
-def run_cell(c: dict, reps: int, seed: int, n_boot: int = 40) -> dict:
+def run_cell(c: dict, reps: int, seed: int, n_boot: int = 40, prev: dict = None) -> dict:
+    """``reps`` more replicates of cell c (drawn with ``seed``), merged into ``prev`` (the
+    cell's earlier result, whose raw per-replicate records are kept) when given."""
     t0 = time.perf_counter()
     tq, truth = _targets(c)
     logs = simulate_logs(c, reps, seed)
     idx = np.searchsorted(logs[0].ts, tq - 1e-9)
     methods = ["sandwich"] + (["parametric basic", "parametric normal", "parametric percentile"]
                               if c["parametric"] else [])
-    hits = {mth: {name: np.zeros(v.size) for name, v in truth.items()} for mth in methods}
-    width = {mth: {name: [] for name in truth} for mth in methods}
-    err, fit_s, boot_s, warned = {name: [] for name in truth}, [], [], 0
+    raw = copy.deepcopy(prev["raw"]) if prev else {
+        "hits": {mth: {name: [] for name in truth} for mth in methods},
+        "width": {mth: {name: [] for name in truth} for mth in methods},
+        "err": {name: [] for name in truth}, "fit_s": [], "boot_s": [], "warned": 0,
+        "seeds": [], "seconds": 0.0}
+    raw["seeds"].append([seed, reps])
     for r, tr in enumerate(logs):
+        rs = seed * 1000 + r
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            est = _estimator(c, bootstrap="sandwich", seed=r).fit(tr)
-        warned += any("not identified" in str(x.message) for x in w)
-        fit_s.append(time.perf_counter() - t1)
+            est = _estimator(c, bootstrap="sandwich", seed=rs).fit(tr)
+        raw["warned"] += any("not identified" in str(x.message) for x in w)
+        raw["fit_s"].append(time.perf_counter() - t1)
         q = est.quantities(est.theta_)
         for name, v in truth.items():
-            err[name].append((q[name][idx] - v).reshape(-1))
+            raw["err"][name].append((q[name][idx] - v).reshape(-1).tolist())
         for name, hit in _cover(est, est.bands_, tq, truth, idx).items():
-            hits["sandwich"][name] += hit
-            width["sandwich"][name].append(np.diff(est.bands_[name][:, idx], axis=0).ravel())
+            raw["hits"]["sandwich"][name].append(hit.astype(int).tolist())
+            raw["width"]["sandwich"][name].append(
+                np.diff(est.bands_[name][:, idx], axis=0).ravel().tolist())
         if c["parametric"]:
             t1 = time.perf_counter()
             pb = copy.copy(est)
             pb.n_bootstrap, pb.bands_, pb.se_ = n_boot, {}, {}
-            pb.seed = 10_000 + r
+            pb.seed = 10_000 + rs
             shooting_bands(pb, tr, "parametric")
             reps_q = pb.quantities(pb.bootstrap_theta_)
-            boot_s.append(time.perf_counter() - t1)
+            raw["boot_s"].append(time.perf_counter() - t1)
             for interval in ("basic", "normal", "percentile"):
                 band = {name: band_from_replicates(q[name], reps_q[name], 0.95, interval)
                         for name in truth}
                 for name, hit in _cover(pb, band, tq, truth, idx).items():
-                    hits[f"parametric {interval}"][name] += hit
-                    width[f"parametric {interval}"][name].append(
-                        np.diff(band[name][:, idx], axis=0).ravel())
-    out = {"cell": c, "replicates": reps, "times": tq.tolist(),
-           "truth": {k: v.tolist() for k, v in truth.items()},
-           "coverage": {mth: {name: (h / reps).tolist() for name, h in hv.items()}
-                        for mth, hv in hits.items()},
-           "coverage_min": {mth: float(min(np.min(h) for h in hv.values()) / reps)
-                            for mth, hv in hits.items()},
-           "coverage_mean": {mth: float(np.mean(np.concatenate(list(hv.values()))) / reps)
-                             for mth, hv in hits.items()},
-           "mean_width": {mth: {name: np.mean(np.stack(wv), axis=0).tolist()
-                                for name, wv in wd.items()} for mth, wd in width.items()},
-           "bias": {name: np.mean(np.stack(e), axis=0).tolist() for name, e in err.items()},
-           "sd": {name: np.std(np.stack(e), axis=0, ddof=1).tolist() for name, e in err.items()},
-           "not_identified_warnings": int(warned),
-           "fit_seconds_median": float(np.median(fit_s)),
-           "bootstrap_seconds_median": float(np.median(boot_s)) if boot_s else None,
-           "cell_seconds": time.perf_counter() - t0}
-    return out
+                    raw["hits"][f"parametric {interval}"][name].append(hit.astype(int).tolist())
+                    raw["width"][f"parametric {interval}"][name].append(
+                        np.diff(band[name][:, idx], axis=0).ravel().tolist())
+    raw["seconds"] += time.perf_counter() - t0
+    n = len(raw["fit_s"])
+    hits = {mth: {name: np.asarray(h, float) for name, h in hv.items()}
+            for mth, hv in raw["hits"].items()}
+    cov = {mth: {name: h.mean(0) for name, h in hv.items()} for mth, hv in hits.items()}
+    return {"cell": c, "replicates": n, "times": tq.tolist(),
+            "truth": {k: v.tolist() for k, v in truth.items()},
+            "coverage": {mth: {name: v.tolist() for name, v in cv.items()}
+                         for mth, cv in cov.items()},
+            "coverage_min": {mth: float(min(np.min(v) for v in cv.values()))
+                             for mth, cv in cov.items()},
+            "coverage_mean": {mth: float(np.mean(np.concatenate(list(cv.values()))))
+                              for mth, cv in cov.items()},
+            "mean_width": {mth: {name: np.mean(np.asarray(w), axis=0).tolist()
+                                 for name, w in wd.items()} for mth, wd in raw["width"].items()},
+            "bias": {name: np.mean(np.asarray(e), axis=0).tolist()
+                     for name, e in raw["err"].items()},
+            "sd": {name: (np.std(np.asarray(e), axis=0, ddof=1).tolist() if n > 1 else None)
+                   for name, e in raw["err"].items()},
+            "not_identified_warnings": int(raw["warned"]),
+            "fit_seconds_median": float(np.median(raw["fit_s"])),
+            "bootstrap_seconds_median": float(np.median(raw["boot_s"])) if raw["boot_s"]
+            else None,
+            "cell_seconds": raw["seconds"], "raw": raw}
 
 
 def coverage(args) -> dict:
+    """Every cell (or those of --cells, in that order) in passes of --chunk replicates, until
+    each has --replicates: a run stopped at any time leaves every cell with about the same
+    count, and a rerun of the same command continues where it stopped."""
     cells = _cells()
     names = list(cells) if not args.cells else [n.strip() for n in args.cells.split(";")]
+    unknown = [n for n in names if n not in cells]
+    if unknown:
+        raise SystemExit(f"unknown cells {unknown}; the cells are {list(cells)}")
     results = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as fh:
@@ -249,18 +277,71 @@ def coverage(args) -> dict:
     results.setdefault("cells", {})
     results.update({"machine": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads()})
-    for name in names:
-        if name in results["cells"] and results["cells"][name]["replicates"] >= args.replicates:
-            continue
-        res = run_cell(cells[name], args.replicates, seed=zlib.crc32(name.encode()) % 10 ** 6)
-        results["cells"][name] = res
-        print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
-            f"{mth}: min {res['coverage_min'][mth]:.3f} mean {res['coverage_mean'][mth]:.3f}"
-            for mth in res["coverage_min"]) + f"  ({res['cell_seconds']:.0f} s)", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(results, fh, indent=1)
+    chunk = args.chunk or args.replicates
+    while True:
+        todo = [n for n in names if results["cells"].get(n, {}).get("replicates", 0)
+                < args.replicates]
+        if not todo:
+            break
+        for name in todo:
+            prev = results["cells"].get(name)
+            done = prev["replicates"] if prev else 0
+            k = min(chunk, args.replicates - done)
+            seed = (zlib.crc32(name.encode()) + 7919 * done) % 10 ** 6
+            res = run_cell(cells[name], k, seed=seed, prev=prev)
+            results["cells"][name] = res
+            print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
+                f"{mth}: min {res['coverage_min'][mth]:.3f} mean {res['coverage_mean'][mth]:.3f}"
+                for mth in res["coverage_min"]) + f"  ({res['cell_seconds']:.0f} s)", flush=True)
+            if args.out:
+                tmp = args.out + ".tmp"
+                with open(tmp, "w") as fh:
+                    json.dump(results, fh, indent=1)
+                os.replace(tmp, args.out)
     return results
+
+
+def coverage_table(path: str) -> str:
+    """The coverage matrix of a results file as a markdown table: per cell its regime, replicate
+    count n, the binomial standard error of a calibrated 95% band at that n, sqrt(0.95 x 0.05 /
+    n), and per band method the coverage of alpha and beta (averaged over the three times; for
+    the full E: over the 9 entries at half time); the share of replicates the fit flagged as not
+    identified; and a verdict on the default band (parametric basic where measured, else the
+    sandwich): "in" 0.90-0.99, "consistent" within 2 SE of that range, or "misses"."""
+    with open(path) as fh:
+        res = json.load(fh)["cells"]
+    methods = ["sandwich", "parametric basic", "parametric percentile"]
+    head = ("| cell | field | noise | log | n/class | trials | impacts | reps | SE at 0.95 | "
+            + " | ".join(f"{m_}: alpha / beta" for m_ in methods)
+            + " | flagged not identified | default band |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in res.items():
+        c, n = r["cell"], r["replicates"]
+        se = math.sqrt(0.95 * 0.05 / n)
+        lvl = SIGMA[c["level"]] if c["noise"] == "additive" else LR[c["level"]]
+        noise = f"{'sigma' if c['noise'] == 'additive' else 'SGD lr'} {lvl:g}"
+        cols, means = [], {}
+        for mth in methods:
+            cv = r["coverage"].get(mth)
+            if cv is None:
+                cols.append("-")
+                continue
+            means[mth] = [float(np.mean(v)) for v in cv.values()]
+            cols.append(" / ".join(f"{v:.2f}" for v in means[mth]))
+        default = means.get("parametric basic", means["sandwich"])
+        lo = min(default)
+        verdict = ("in" if 0.90 <= lo and max(default) <= 0.99 else
+                   "consistent" if 0.90 - 2 * se <= lo and max(default) <= 0.99 + 2 * se
+                   else "misses")
+        form = c["form"] or {"constant": "constant", "power_law": "power law",
+                             "rise": "rise-decay"}[c["profile"]]
+        if c["matrix"] == "full":
+            form += ", full E"
+        field = {"cross_entropy": "CE", "identity": "I", "label_projection": "L"}[c["field"]]
+        lines.append(f"| {name} | {field} | {noise} | {c['logging']} | {c['n']} | {c['R']} | "
+                     f"{form} | {n} | {se:.3f} | " + " | ".join(cols)
+                     + f" | {r['not_identified_warnings'] / n:.2f} | {verdict} |")
+    return "\n".join(lines)
 
 
 # ============================================================================================
@@ -353,7 +434,7 @@ def exactness_table(verbose=True) -> list:
 # ============================================================================================
 def timing(args) -> dict:
     out = {}
-    for Kc in (3, 10):
+    for Kc in (int(v) for v in args.kk.split(",")):
         y = np.tile(np.arange(Kc), 100)
         rng = np.random.default_rng(0)
         x0 = 0.5 * rng.standard_normal((y.size, Kc)) + np.linspace(1.0, -1.0, Kc)
@@ -362,28 +443,44 @@ def timing(args) -> dict:
         sol = simulate(sde, x0, ts, 0.02, seed=0)
         tr = Trajectory(ts, sol.states[:, 0], y)
         row = {}
-        for band, nb, jobs in (("sandwich", 0, 1), ("parametric", 200, 2)):
-            t0 = time.perf_counter()
+        for band, nb, jobs in (("sandwich", 0, 1), ("parametric", args.boot, 2)):
+            t0, c0 = time.perf_counter(), time.process_time()
             est = ShootingEstimator("cross_entropy", bootstrap=band, n_bootstrap=nb,
                                     n_jobs=jobs).fit(tr)
             row[band] = time.perf_counter() - t0
+            row[f"{band}_cpu_main_process"] = time.process_time() - c0
+            row["load_average_1min"] = os.getloadavg()[0]
+            if nb:
+                row["parametric_refits"] = nb
+                row["parametric_seconds_per_refit"] = (row[band] - row["sandwich"]) / nb
             print(f"K = {Kc:2d}, T = 132, 100 per class: shooting fit with {band} band"
                   + (f" ({nb} refits over {jobs} processes)" if nb else "")
                   + f": {row[band]:.1f} s ({est.n_evals_} evaluations, "
                   f"{est.n_substeps_} RK4 sub-steps)", flush=True)
-        out[f"K={Kc}"] = row
+            out[f"K={Kc}"] = row
+            if args.out:                                  # partial results survive a stop
+                with open(args.out, "w") as fh:
+                    json.dump(out, fh, indent=1)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", choices=("exact", "timing", "coverage"))
+    parser.add_argument("job", choices=("exact", "timing", "coverage", "table"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
+    parser.add_argument("--boot", type=int, default=200,
+                        help="timing: parametric-bootstrap refits (default 200)")
+    parser.add_argument("--kk", default="3,10", help="timing: numbers of classes (3,10)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="coverage: replicates added to every cell per pass (default: all)")
     parser.add_argument("--cells", default=None, help="semicolon-separated cell names")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.job == "table":
+        print(coverage_table(args.out or "benchmarks/results_fit_coverage.json"))
+        return
     if args.job == "exact":
         res = exactness_table()
     elif args.job == "timing":

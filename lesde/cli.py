@@ -2132,8 +2132,8 @@ def _add_fit(sub):
                    "read as is)")
     m = p.add_argument_group("model (trajectory matching)")
     m.add_argument("--field", default=None,
-                   help="drift field: identity, label_projection, cross_entropy (default: "
-                   "cross_entropy when p = K, else identity)")
+                   help="drift field: identity, label_projection, cross_entropy (default: the "
+                   "drift of a lesde simulate file; else cross_entropy when p = K, else identity)")
     m.add_argument("--matrix", choices=("intra_inter", "full"), default="intra_inter",
                    help="intra_inter: E = (alpha - beta) I + beta 11^T; full: a K x K matrix")
     m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
@@ -2240,6 +2240,7 @@ def _run_fit(args):
     import numpy as np
 
     from . import fit as lf
+    from .storage import atomic_write
 
     names = _check_fit_args(args)
 
@@ -2247,7 +2248,7 @@ def _run_fit(args):
         keys = list(columns)
         rows = np.column_stack([np.asarray(columns[k], dtype=float) for k in keys])
         path = os.path.join(args.out, name)
-        with open(path, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(keys)
             w.writerows(rows.tolist())
@@ -2277,7 +2278,8 @@ def _run_fit(args):
         from distributed import Client
 
         client = Client(args.dask_scheduler)
-    field = args.field or ("cross_entropy" if traj.p == traj.K else "identity")
+    field = (args.field or _simulated_field(args.log)
+             or ("cross_entropy" if traj.p == traj.K else "identity"))
     os.makedirs(args.out, exist_ok=True)
     written = []
     run_name = "+".join(os.path.splitext(os.path.basename(os.path.normpath(p)))[0]
@@ -2301,8 +2303,9 @@ def _run_fit(args):
                 client=client).fit(traj)
             write_csv("shooting.csv", est.results())
             info = est.summary()
-            info["alpha"], info["beta"] = est.alpha_, est.beta_
-            for k in ("alpha", "beta", "A", "B"):
+            info["alpha"], info["beta"], info["gap"] = est.alpha_, est.beta_, est.gap_
+            info["row_shift_identified"] = bool(est.row_shift_identified_)
+            for k in ("alpha", "beta", "gap", "A", "B"):
                 if k in est.bands_:
                     info[f"{k}_band"] = est.bands_[k]
             info["A_final"], info["B_final"] = float(est.A_[-1]), float(est.B_[-1])
@@ -2365,7 +2368,7 @@ def _run_fit(args):
                                                    "knots": args.knots, "t0": args.t0})
         summary["model_comparison"] = {"t_split": cmp_.t_split, "rows": cmp_.rows}
         path = os.path.join(args.out, "model_table.md")
-        with open(path, "w") as fh:
+        with atomic_write(path, "w") as fh:
             fh.write(str(cmp_) + "\n")
         written.append(path)
         print(str(cmp_))
@@ -2387,11 +2390,13 @@ def _run_fit(args):
                                      level=args.level)
             summary["goodness_of_fit"][name] = gof.summary()
             npz = os.path.join(args.out, f"gof_{name}.npz")
-            np.savez_compressed(npz, ts=gof.ts, logged_means=gof.logged_means,
-                                sim_means=gof.sim_means, sim_lo=gof.sim_lo, sim_hi=gof.sim_hi,
-                                logged_spread=gof.logged_spread, sim_spread=gof.sim_spread,
-                                logged_accuracy=gof.logged_accuracy,
-                                sim_accuracy=gof.sim_accuracy)
+            with atomic_write(npz, "wb") as fh:
+                np.savez_compressed(fh, ts=gof.ts, logged_means=gof.logged_means,
+                                    sim_means=gof.sim_means, sim_lo=gof.sim_lo,
+                                    sim_hi=gof.sim_hi, logged_spread=gof.logged_spread,
+                                    sim_spread=gof.sim_spread,
+                                    logged_accuracy=gof.logged_accuracy,
+                                    sim_accuracy=gof.sim_accuracy)
             written.append(npz)
             png = "goodness_of_fit.png" if name == primary else f"goodness_of_fit_{name}.png"
             written.append(plot_goodness_of_fit(
@@ -2400,7 +2405,7 @@ def _run_fit(args):
                 f"{gof.model['noise']} noise)"))
             summary.setdefault("figures", []).append(png)
     path = os.path.join(args.out, "summary.json")
-    with open(path, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(clean(summary), f, indent=2)
     written.append(path)
     if client is not None:
@@ -2409,6 +2414,27 @@ def _run_fit(args):
     for pth in written:
         print(f"  {pth}")
     return 0
+
+
+def _simulated_field(logs):
+    """The drift a `lesde simulate` solution file was made with (None for anything else), so
+    that `lesde fit` on such a file fits the model that made it unless --field says otherwise."""
+    import json
+
+    import numpy as np
+
+    fields = set()
+    for path in logs:
+        if not (isinstance(path, str) and path.endswith(".npz")):
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "params_json" not in data.files:
+                    return None
+                fields.add(json.loads(str(data["params_json"]))["field"]["name"])
+        except Exception:                           # noqa: BLE001 - as_trajectory reports it
+            return None
+    return fields.pop() if len(fields) == 1 else None
 
 
 def _tail_indices(est, args, lr_run) -> dict:
@@ -2446,13 +2472,21 @@ def _print_headline(est, level):
           + (f", SGD lr {est.lr_:.3g}" if est.lr_ > 0 else "")
           + (f", median sigma {np.median(est.sigma_):.3g}" if np.any(est.sigma_ > 0) else "")
           + f"); {level:.0%} bands: {method}")
-    if not est.identified_:
+    if not est.row_shift_identified_:
+        print("  warning: alpha + (K-1) beta is not identified from this log (bands are wide); "
+              "the gap alpha - beta is:")
+    elif not est.identified_:
         print(f"  warning: not identified (condition {est.condition_:.1e}); bands are wide")
     print(f"  {'t':>9s}  {'alpha':>10s} {'[band]':>23s}  {'beta':>10s} {'[band]':>23s}")
     for i in idx:
         a = f"[{band['alpha'][0, i]:.4g}, {band['alpha'][1, i]:.4g}]" if "alpha" in band else ""
         b = f"[{band['beta'][0, i]:.4g}, {band['beta'][1, i]:.4g}]" if "beta" in band else ""
         print(f"  {ts[i]:9.4g}  {est.alpha_[i]:10.4g} {a:>23s}  {est.beta_[i]:10.4g} {b:>23s}")
+    if not est.row_shift_identified_ and "gap" in band:
+        print(f"  {'t':>9s}  {'gap':>10s} {'[band]':>23s}")
+        for i in idx:
+            g = f"[{band['gap'][0, i]:.4g}, {band['gap'][1, i]:.4g}]"
+            print(f"  {ts[i]:9.4g}  {est.gap_[i]:10.4g} {g:>23s}")
     print(f"  A(T) = {est.A_[-1]:.4g}, B(T) = {est.B_[-1]:.4g}")
 
 

@@ -133,33 +133,72 @@ def test_lesde_fit_bad_arguments_fail_before_work(tmp_path, capsys):
     assert rc == 2 and "no log at" in capsys.readouterr().err
 
 
+def _simulate_file(path, drift, alpha, beta):
+    """`lesde simulate`: 4 runs of 30 samples per class from X(0) ~ N(0, 0.25 I), so every run
+    starts from (nearly) the same class means, logged at 13 times over [0, 6]."""
+    assert main(["simulate", "--K", "3", "--n", "30", "--alpha", str(alpha), "--beta", str(beta),
+                 "--drift", drift, "--noise", "additive", "--sigma", "0.05", "--T", "6",
+                 "--dt", "0.005", "--saves", "13", "--runs", "4", "--init-std", "0.5",
+                 "--no-progress", "-o", str(path)]) == 0
+
+
 @pytest.mark.slow
 def test_round_trip_simulate_then_fit(tmp_path, capsys):
-    """`lesde simulate` with known impacts, then `lesde fit` on its file: the fitted alpha and
-    beta lie inside their 95% bands (sandwich; each band misses with probability 0.05, so both
-    cover with probability >= 0.9 for this fixed seed), and the command prints them, the model
-    table and every file it wrote."""
+    """`lesde simulate` with known impacts in a setting that identifies alpha and beta (the I
+    field: the class means' grand mean grows at rate (alpha + 2 beta)/3 and their differences
+    at (alpha - beta)/3, and random initial means excite both), then `lesde fit` on its file,
+    which takes the drift from the file: alpha and beta lie inside their 95% sandwich bands
+    (each misses with probability 0.05, so both cover with probability >= 0.9 for this fixed
+    seed), and the bands are narrow (under 5% of alpha: a band of the non-identified
+    cross-entropy case below is about 140 wide). The command prints them, the model table and
+    every file it wrote."""
     sol = tmp_path / "sim.npz"
-    assert main(["simulate", "--K", "3", "--n", "30", "--alpha", "5", "--beta", "1.25",
-                 "--drift", "cross_entropy", "--noise", "additive", "--sigma", "0.05",
-                 "--T", "6", "--dt", "0.005", "--saves", "13", "--runs", "4", "--init-std",
-                 "0.5", "--no-progress", "-o", str(sol)]) == 0
+    _simulate_file(sol, "identity", 1.0, 0.3)
     capsys.readouterr()
     out = tmp_path / "fit"
     assert main(["fit", str(sol), "--out", str(out), "--time", "constant", "--bootstrap",
                  "sandwich", "--compare", "0.5", "--compare-paths", "8"]) == 0
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
+    assert "not identified" not in err
     summ = json.loads((out / "summary.json").read_text())
+    assert summ["field"] == "identity"
     sh = summ["estimators"]["shooting"]
+    assert sh["row_shift_identified"] and sh["identified"]
     lo_a, hi_a = np.array(sh["alpha_band"])[:, 0]
     lo_b, hi_b = np.array(sh["beta_band"])[:, 0]
-    assert lo_a <= 5.0 <= hi_a and lo_b <= 1.25 <= hi_b, sh
-    assert hi_a - lo_a < 2.0                                      # and the band is informative
+    assert lo_a <= 1.0 <= hi_a and lo_b <= 0.3 <= hi_b, sh
+    assert hi_a - lo_a < 0.05 and hi_b - lo_b < 0.05, sh          # the bands are informative
     assert "alpha" in text and "dAIC" in text and str(out / "summary.json") in text
     for f in ("shooting.csv", "fit.png", "model_table.md", "summary.json"):
         assert (out / f).is_file() and str(out / f) in text
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]   # no temporaries
     rows = {r["model"]: r for r in summ["model_comparison"]["rows"]}
     assert set(rows) == {"I", "L", "CE", "CE+additive"}
+    assert rows["I"]["r2_means"] > 0.9 and rows["I"]["r2_means"] > rows["CE"]["r2_means"]
+
+
+@pytest.mark.slow
+def test_round_trip_cross_entropy_identifies_only_the_gap(tmp_path, capsys):
+    """The cross-entropy field from shared initial class means: each class's mean G sums to
+    zero over the logits, and with equal logit biases sum_k w_k Gbar_k stays near zero, so
+    alpha + 2 beta is not identified. `lesde fit` warns, gives alpha and beta honestly wide
+    bands, and the gap alpha - beta a narrow band that covers the truth 3.75."""
+    sol = tmp_path / "sim.npz"
+    _simulate_file(sol, "cross_entropy", 5.0, 1.25)
+    capsys.readouterr()
+    out = tmp_path / "fit"
+    with pytest.warns(UserWarning, match=r"alpha \+ \(K-1\) beta is not identified"):
+        assert main(["fit", str(sol), "--out", str(out), "--time", "constant", "--bootstrap",
+                     "sandwich", "--compare", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "the gap alpha - beta is" in text
+    sh = json.loads((out / "summary.json").read_text())["estimators"]["shooting"]
+    assert not sh["row_shift_identified"] and not sh["identified"]
+    lo_g, hi_g = np.array(sh["gap_band"])[:, 0]
+    assert lo_g <= 3.75 <= hi_g and hi_g - lo_g < 0.2, sh
+    for name, truth in (("alpha", 5.0), ("beta", 1.25)):
+        lo, hi = np.array(sh[f"{name}_band"])[:, 0]
+        assert lo <= truth <= hi and hi - lo > 20.0, (name, sh)   # wide, never narrow and wrong
 
 
 def test_goodness_of_fit_takes_the_model_from_the_estimator():

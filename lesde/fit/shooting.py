@@ -451,8 +451,9 @@ class ShootingEstimator(Estimator):
         self.row_shift_identified_ = not weak_shift
         if weak_shift:
             warnings.warn(
-                f"ShootingEstimator: the {'rows of E' if form.matrix == 'full' else 'sum alpha + (K-1) beta'} "
-                f"are not identified from this log: each class's mean G sums to zero over the "
+                f"ShootingEstimator: "
+                f"{'the rows of E are' if form.matrix == 'full' else 'alpha + (K-1) beta is'} "
+                f"not identified from this log: each class's mean G sums to zero over the "
                 f"coordinates, so adding a number to a row of E moves the drift only through "
                 f"sum_k w_k Gbar_k, here {self.shift_signal_:.3f} of the drift's own size "
                 f"(< {self.SHIFT_MIN}). Their bands are made wide; differences within a row "
