@@ -1089,6 +1089,10 @@ def _run_fig_clouds(args):
 # --------------------------------------------------------------------------------------------
 # subcommands (local elasticity on networks)
 # --------------------------------------------------------------------------------------------
+# Dan et al.'s CIFAR-10 classes, the default of `elasticity track`
+DAN_CLASSES = ("airplane", "automobile", "ship")
+
+
 @_subcommand
 def _add_elasticity(sub):
     p = sub.add_parser(
@@ -1175,7 +1179,7 @@ def _add_elasticity(sub):
 
     k = jobs.add_parser("track", help="Dan et al.: S_rel (KL, norm ratios) during training, "
                         "several runs, resumable")
-    data_args(k, ["airplane", "automobile", "ship"], 5000)
+    data_args(k, list(DAN_CLASSES), 5000)   # with --data digits the default is 0 1 2
     k.add_argument("--net", default="resnet18_imagenet",
                    help="resnet18_imagenet (Dan et al.'s, no BatchNorm), resnet18 (CIFAR layout, "
                    "no BatchNorm) or mlp (one hidden layer, --hidden, --activation)")
@@ -1236,6 +1240,9 @@ def _run_elasticity(args):
             X, Y = load_digits(return_X_y=True)
             rng = np.random.default_rng(seed + (split == "test"))
             xs, ys = [], []
+            bad = [c for c in classes if not str(c).isdigit() or not 0 <= int(c) <= 9]
+            if bad:
+                raise SystemExit(f"--data digits takes the digits 0-9 as --classes, not {' '.join(map(str, bad))}")
             for i, cl in enumerate(classes):
                 idx = np.where(Y == int(cl))[0]
                 idx = rng.choice(idx, min(per_class, len(idx)), replace=False)
@@ -1273,11 +1280,14 @@ def _run_elasticity(args):
                             progress=progress)
         kw = {"lr": args.lr} if args.kind == "kl" else {"lr": args.lr, "method": args.method}
         s = el.similarity_matrix(net, x, y, kind=args.kind, normalize=args.normalize, **kw)
-        np.savetxt(os.path.join(args.out, f"S_{args.kind}.csv"), s.numpy(), delimiter=",")
+        csv_path = os.path.join(args.out, f"S_{args.kind}.csv")
+        np.savetxt(csv_path, s.numpy(), delimiter=",")
         means = el.class_pair_means(s, y)
         print("class-pair means (row = update class, column = probe class):")
         print(np.array2string(means.numpy(), precision=4))
-        figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", os.path.join(args.out, f"S_{args.kind}.png"))
+        png_path = os.path.join(args.out, f"S_{args.kind}.png")
+        figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", png_path)
+        print(f"wrote {csv_path} (row = update, column = probe) and {png_path}")
         return 0
 
     if args.job == "cluster":
@@ -1493,6 +1503,12 @@ def _elasticity_track(args, load, progress) -> int:
             x = (x - mean) / std
         return x, y
 
+    if args.data == "digits" and list(args.classes) == list(DAN_CLASSES):
+        args.classes = ["0", "1", "2"]   # the CIFAR-10 default names mean nothing for digits
+
+    def as_images(x):   # digits come flat (8 x 8 = 64 values); the ResNets take 1 x 8 x 8 images
+        return x.reshape(len(x), 1, 8, 8) if args.data == "digits" and args.net != "mlp" else x
+
     frames, pairs_last = [], []
     for r in (args.run_ids if args.run_ids is not None else range(args.runs)):
         seed = args.seed + r
@@ -1507,6 +1523,7 @@ def _elasticity_track(args, load, progress) -> int:
             continue
         x, y = inputs("train", args.per_class, seed, args.augment == "once")
         xt, yt = inputs("test", args.test_per_class, seed, False)
+        x, xt = as_images(x), as_images(xt)
         rng = np.random.default_rng(seed)
         probe = np.concatenate([rng.choice(np.where(y.numpy() == c)[0], args.probes, replace=False)
                                 for c in range(len(args.classes))])

@@ -68,3 +68,54 @@ def test_track_and_compare_jobs(tmp_path):
     assert {"frac_ours", "frac_ref", "dlr_ours", "dlr_ref", "ratio_ref_sd"} <= set(tab.columns)
     assert set(tab["reference"]) == {"kl", "suhe", "-"}
     assert len(tab[tab["ours"] == "kl_compat"]) == 3
+
+
+def test_track_on_digits_with_the_default_classes_and_network(tmp_path, capsys):
+    """`track --data digits` without --classes: the CIFAR-10 class names of the default are
+    replaced by the digits 0 1 2, and the 8 x 8 digits reach the ResNet as 1-channel images."""
+    out = tmp_path / "trk"
+    rc = main(["elasticity", "--out", str(out), "--no-progress", "track", "--data", "digits",
+               "--per-class", "12", "--test-per-class", "5", "--width", "0.0625", "--probes", "2",
+               "--epochs", "1", "--batch-size", "12", "--every", "2", "--runs", "1",
+               "--work", str(tmp_path / "work"), "--bootstrap", "10"])
+    assert rc == 0
+    summary = json.loads((out / "tracking_summary.json").read_text())
+    assert summary["protocol"]["classes"] == ["0", "1", "2"]
+    assert summary["protocol"]["net"] == "resnet18_imagenet"
+    assert summary["records"] == [2]   # 3 minibatches of 12: records after minibatches 0 and 2
+    with pytest.raises(SystemExit, match="digits 0-9"):
+        main(["elasticity", "--out", str(out), "track", "--data", "digits", "--classes", "cat"])
+
+
+def test_matrix_prints_where_it_wrote(tmp_path, capsys):
+    out = tmp_path / "mat"
+    rc = main(["elasticity", "--out", str(out), "--no-progress", "matrix", "--per-class", "6",
+               "--hidden", "8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    csv_path, png_path = out / "S_relative.csv", out / "S_relative.png"
+    assert f"wrote {csv_path}" in printed and str(png_path) in printed
+    assert csv_path.stat().st_size > 0 and png_path.stat().st_size > 0
+
+
+def test_every_elasticity_option_shows_its_default(capsys):
+    """The help of every option of every elasticity job names its default (options whose default
+    is None, False or empty have none to show)."""
+    import argparse
+
+    from lesde.cli import _HelpFormatter, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    ela = sub.choices["elasticity"]
+    jobs = next(a for a in ela._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for p in [ela, *jobs.choices.values()]:
+        fmt = _HelpFormatter(p.prog)
+        for action in p._actions:
+            if _HelpFormatter._default_text(action) is None:
+                continue
+            help_text = fmt._get_help_string(action) % {"default": action.default}
+            assert "default" in help_text.lower(), (p.prog, action.option_strings)
+            checked += 1
+    assert checked > 40
