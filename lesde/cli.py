@@ -1215,6 +1215,11 @@ def _add_elasticity(sub):
     cmp_ = jobs.add_parser("compare", help="tracking runs of --out against Dan et al.'s released "
                            "curves, record by record")
     cmp_.add_argument("--reference", required=True, help="srel_curves.csv of the released curves")
+    cmp_.add_argument("--partial", action="store_true",
+                      help="also the records so far of unfinished runs, read from their checkpoints "
+                      "in --work; each record is compared over the runs that reached it")
+    cmp_.add_argument("--work", default=None,
+                      help="where the checkpoints are (default runs/elasticity/<name of --out>)")
 
 
 def _run_elasticity(args):
@@ -1633,9 +1638,22 @@ def _elasticity_compare(args, write_csv) -> int:
     from . import figures
 
     paths = sorted(glob.glob(os.path.join(args.out, "run*_tracking.csv")))
-    if not paths:
-        raise SystemExit(f"no run*_tracking.csv in {args.out}: run `lesde elasticity --out {args.out} track` first")
     frames = [pd.read_csv(p) for p in paths]
+    if args.partial:   # the records so far of runs still without their CSV, from their checkpoints
+        import torch
+
+        work = args.work or os.path.join("runs", "elasticity", os.path.basename(os.path.normpath(args.out)))
+        done = {os.path.basename(p).split("_")[0] for p in paths}
+        for ck in sorted(glob.glob(os.path.join(work, "run*_checkpoint.pt"))):
+            name = os.path.basename(ck).split("_")[0]
+            if name in done:
+                continue
+            rows = torch.load(ck, map_location="cpu", weights_only=True)["rows"]
+            if rows:
+                frames.append(pd.DataFrame(rows))
+                print(f"{name}: {len(rows)} records so far (unfinished, from {ck})")
+    if not frames:
+        raise SystemExit(f"no run*_tracking.csv in {args.out}: run `lesde elasticity --out {args.out} track` first")
     pairs = [("kl_compat", "kl"), ("suhe_compat", "suhe"), ("kl", None), ("norm_prob", None), ("norm", None)]
     rows = []
     ours_all, refs_all = {}, {}
@@ -1643,7 +1661,8 @@ def _elasticity_compare(args, write_csv) -> int:
         if f"{ours}_0_0" not in frames[0].columns:
             continue
         st = [el.locality_statistics(el._measure_matrices(f, ours)) for f in frames]
-        n = min(len(f) for f in frames)
+        n = max(len(f) for f in frames)   # record t: the runs that reached it (column runs_ours)
+        longest = frames[int(np.argmax([len(f) for f in frames]))]
         ours_all[ours] = st
         rst = None
         if ref is not None:
@@ -1652,10 +1671,11 @@ def _elasticity_compare(args, write_csv) -> int:
             refs_all[ref] = rst
             n = min(n, R.shape[1])
         for t in range(n):
-            row = {"ours": ours, "reference": ref or "-", "record": t, "step": int(frames[0]["step"].iloc[t]),
-                   "epoch": float(frames[0]["epoch"].iloc[t])}
+            reached = [s for s, f in zip(st, frames) if len(f) > t]
+            row = {"ours": ours, "reference": ref or "-", "record": t, "step": int(longest["step"].iloc[t]),
+                   "epoch": float(longest["epoch"].iloc[t]), "runs_ours": len(reached)}
             for name, key in (("frac", "frac_same_exceeds"), ("ratio", "ratio"), ("dlr", "double_log_ratio")):
-                v = np.array([s[key][t].mean() if key == "frac_same_exceeds" else s[key][t] for s in st])
+                v = np.array([s[key][t].mean() if key == "frac_same_exceeds" else s[key][t] for s in reached])
                 row[f"{name}_ours"] = round(float(v.mean()), 4)
                 row[f"{name}_ours_sd"] = round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0
                 if rst is not None:
@@ -1681,7 +1701,8 @@ def _elasticity_compare(args, write_csv) -> int:
                 sel = f[ep == e]
                 if len(sel):
                     ours_train.append(float(sel["train_acc"].mean()))
-                    ours_test.append(float(sel["test_acc"].iloc[-1]))
+                    if sel["test_acc"].notna().any():
+                        ours_test.append(float(sel["test_acc"].dropna().iloc[-1]))
             acc_rows.append({
                 "epoch_index": int(e),
                 "train_acc_ours": round(float(np.mean(ours_train)), 4) if ours_train else float("nan"),
