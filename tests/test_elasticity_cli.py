@@ -119,3 +119,39 @@ def test_every_elasticity_option_shows_its_default(capsys):
             assert "default" in help_text.lower(), (p.prog, action.option_strings)
             checked += 1
     assert checked > 40
+
+
+def test_compare_partial_counts_unfinished_runs_from_their_checkpoints(tmp_path):
+    """`compare --partial`: a finished run (CSV, 3 records) and an unfinished one (checkpoint, 2
+    records) give records 0-1 over both runs and record 2 over the finished one alone; the
+    numbers are the runs' own (the mean of the two runs' fractions at record 0)."""
+    import numpy as np
+    import torch
+
+    if not os.path.exists(REFERENCE):
+        pytest.skip("the released reference curves are not beside the checkout")
+    out, work = tmp_path / "cmp", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+
+    def rows(n, local):   # kl_compat class-pair means: same-class 1 + local, cross-class 1
+        out_rows = []
+        for t in range(n):
+            row = {"step": 1 + 9 * t, "epoch": (1 + 9 * t) / 58, "train_acc": 0.5, "test_acc": 0.5}
+            for k in range(3):
+                for l in range(3):
+                    row[f"kl_compat_{k}_{l}"] = 1.0 + (local[t] if k == l else 0.0)
+            out_rows.append(row)
+        return out_rows
+
+    pd.DataFrame(rows(3, [0.1, 0.2, 0.3])).to_csv(out / "run0_tracking.csv", index=False)
+    torch.save({"rows": rows(2, [-0.1, 0.2])}, work / "run1_checkpoint.pt")
+    assert main(["elasticity", "--out", str(out), "compare", "--reference", REFERENCE]) == 0
+    assert len(pd.read_csv(out / "dan_comparison.csv")) == 3       # without --partial: run 0 only
+    assert main(["elasticity", "--out", str(out), "compare", "--reference", REFERENCE, "--partial",
+                 "--work", str(work)]) == 0
+    tab = pd.read_csv(out / "dan_comparison.csv")
+    assert tab["runs_ours"].tolist() == [2, 2, 1]
+    assert tab["frac_ours"].tolist() == [0.5, 1.0, 1.0]   # run 1 is anti-local at record 0
+    np.testing.assert_allclose(tab["dlr_ours"], [0.5 * (2 * np.log(1.1) + 2 * np.log(0.9)),
+                                                 2 * np.log(1.2), 2 * np.log(1.3)], atol=1e-4)
