@@ -1464,6 +1464,7 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
                             res2 = el._finish_clustering(yp.numpy(), xp, s_rel, s_ker, seed, False, 100,
                                                          False, res.history, output)
                             add(res2, name, args.trained_width, output)
+            pd.DataFrame(rows).to_csv(os.path.join(args.out, "clustering.csv"), index=False)  # so far
     write_csv("clustering.csv", rows)
     tab = pd.DataFrame(rows)
     agg = tab.groupby(["pair", "network", "width", "output", "method"], sort=False)["accuracy"].agg(
