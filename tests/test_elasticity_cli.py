@@ -84,7 +84,8 @@ def test_track_on_digits_with_the_default_classes_and_network(tmp_path, capsys):
     assert summary["protocol"]["net"] == "resnet18_imagenet"
     assert summary["records"] == [2]   # 3 minibatches of 12: records after minibatches 0 and 2
     with pytest.raises(SystemExit, match="digits 0-9"):
-        main(["elasticity", "--out", str(out), "track", "--data", "digits", "--classes", "cat"])
+        main(["elasticity", "--out", str(out), "track", "--data", "digits", "--classes", "cat",
+              "--work", str(tmp_path / "work")])
 
 
 def test_matrix_prints_where_it_wrote(tmp_path, capsys):
