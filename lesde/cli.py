@@ -1110,11 +1110,12 @@ def _add_elasticity(sub):
     jobs = p.add_subparsers(dest="job", metavar="JOB")
     jobs.required = True
 
-    def data_args(q, classes, per_class):
+    def data_args(q, classes, per_class, classes_note=""):
         q.add_argument("--data", default="digits",
                        help="CIFAR-10 (batches dir, image folder or zip), or 'digits' for "
                        "scikit-learn's 8x8 digits (no download)")
-        q.add_argument("--classes", nargs="+", default=classes, help="class names or indices")
+        q.add_argument("--classes", nargs="+", default=classes,
+                       help="class names or indices" + classes_note)
         q.add_argument("--per-class", type=int, default=per_class)
 
     def act_args(q, default):
@@ -1179,7 +1180,7 @@ def _add_elasticity(sub):
 
     k = jobs.add_parser("track", help="Dan et al.: S_rel (KL, norm ratios) during training, "
                         "several runs, resumable")
-    data_args(k, list(DAN_CLASSES), 5000)   # with --data digits the default is 0 1 2
+    data_args(k, list(DAN_CLASSES), 5000, classes_note="; 0 1 2 when --data is digits")
     k.add_argument("--net", default="resnet18_imagenet",
                    help="resnet18_imagenet (Dan et al.'s, no BatchNorm), resnet18 (CIFAR layout, "
                    "no BatchNorm) or mlp (one hidden layer, --hidden, --activation)")
