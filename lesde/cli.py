@@ -1104,6 +1104,10 @@ def _run_fig_clouds(args):
 # --------------------------------------------------------------------------------------------
 # subcommands (local elasticity on networks)
 # --------------------------------------------------------------------------------------------
+# Dan et al.'s CIFAR-10 classes, the default of `elasticity track`
+DAN_CLASSES = ("airplane", "automobile", "ship")
+
+
 @_subcommand
 def _add_elasticity(sub):
     p = sub.add_parser(
@@ -1121,11 +1125,12 @@ def _add_elasticity(sub):
     jobs = p.add_subparsers(dest="job", metavar="JOB")
     jobs.required = True
 
-    def data_args(q, classes, per_class):
+    def data_args(q, classes, per_class, classes_note=""):
         q.add_argument("--data", default="digits",
                        help="CIFAR-10 (batches dir, image folder or zip), or 'digits' for "
                        "scikit-learn's 8x8 digits (no download)")
-        q.add_argument("--classes", nargs="+", default=classes, help="class names or indices")
+        q.add_argument("--classes", nargs="+", default=classes,
+                       help="class names or indices" + classes_note)
         q.add_argument("--per-class", type=int, default=per_class, help="images per class")
 
     def act_args(q, default):
@@ -1197,7 +1202,7 @@ def _add_elasticity(sub):
 
     k = jobs.add_parser("track", help="Dan et al.: S_rel (KL, norm ratios) during training, "
                         "several runs, resumable")
-    data_args(k, ["airplane", "automobile", "ship"], 5000)
+    data_args(k, list(DAN_CLASSES), 5000, classes_note="; 0 1 2 when --data is digits")
     k.add_argument("--net", default="resnet18_imagenet",
                    help="resnet18_imagenet (Dan et al.'s, no BatchNorm), resnet18 (CIFAR layout, "
                    "no BatchNorm) or mlp (one hidden layer, --hidden, --activation)")
@@ -1233,6 +1238,11 @@ def _add_elasticity(sub):
     cmp_ = jobs.add_parser("compare", help="tracking runs of --out against Dan et al.'s released "
                            "curves, record by record")
     cmp_.add_argument("--reference", required=True, help="srel_curves.csv of the released curves")
+    cmp_.add_argument("--partial", action="store_true",
+                      help="also the records so far of unfinished runs, read from their checkpoints "
+                      "in --work; each record is compared over the runs that reached it")
+    cmp_.add_argument("--work", default=None,
+                      help="where the checkpoints are (default runs/elasticity/<name of --out>)")
 
 
 def _run_elasticity(args):
@@ -1258,6 +1268,9 @@ def _run_elasticity(args):
             X, Y = load_digits(return_X_y=True)
             rng = np.random.default_rng(seed + (split == "test"))
             xs, ys = [], []
+            bad = [c for c in classes if not str(c).isdigit() or not 0 <= int(c) <= 9]
+            if bad:
+                raise SystemExit(f"--data digits takes the digits 0-9 as --classes, not {' '.join(map(str, bad))}")
             for i, cl in enumerate(classes):
                 idx = np.where(Y == int(cl))[0]
                 idx = rng.choice(idx, min(per_class, len(idx)), replace=False)
@@ -1295,11 +1308,14 @@ def _run_elasticity(args):
                             progress=progress)
         kw = {"lr": args.lr} if args.kind == "kl" else {"lr": args.lr, "method": args.method}
         s = el.similarity_matrix(net, x, y, kind=args.kind, normalize=args.normalize, **kw)
-        np.savetxt(os.path.join(args.out, f"S_{args.kind}.csv"), s.numpy(), delimiter=",")
+        csv_path = os.path.join(args.out, f"S_{args.kind}.csv")
+        np.savetxt(csv_path, s.numpy(), delimiter=",")
         means = el.class_pair_means(s, y)
         print("class-pair means (row = update class, column = probe class):")
         print(np.array2string(means.numpy(), precision=4))
-        figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", os.path.join(args.out, f"S_{args.kind}.png"))
+        png_path = os.path.join(args.out, f"S_{args.kind}.png")
+        figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", png_path)
+        print(f"wrote {csv_path} (row = update, column = probe) and {png_path}")
         return 0
 
     if args.job == "cluster":
@@ -1471,6 +1487,7 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
                             res2 = el._finish_clustering(yp.numpy(), xp, s_rel, s_ker, seed, False, 100,
                                                          False, res.history, output)
                             add(res2, name, args.trained_width, output)
+            pd.DataFrame(rows).to_csv(os.path.join(args.out, "clustering.csv"), index=False)  # so far
     write_csv("clustering.csv", rows)
     tab = pd.DataFrame(rows)
     agg = tab.groupby(["pair", "network", "width", "output", "method"], sort=False)["accuracy"].agg(
@@ -1515,6 +1532,12 @@ def _elasticity_track(args, load, progress) -> int:
             x = (x - mean) / std
         return x, y
 
+    if args.data == "digits" and list(args.classes) == list(DAN_CLASSES):
+        args.classes = ["0", "1", "2"]   # the CIFAR-10 default names mean nothing for digits
+
+    def as_images(x):   # digits come flat (8 x 8 = 64 values); the ResNets take 1 x 8 x 8 images
+        return x.reshape(len(x), 1, 8, 8) if args.data == "digits" and args.net != "mlp" else x
+
     frames, pairs_last = [], []
     for r in (args.run_ids if args.run_ids is not None else range(args.runs)):
         seed = args.seed + r
@@ -1529,6 +1552,7 @@ def _elasticity_track(args, load, progress) -> int:
             continue
         x, y = inputs("train", args.per_class, seed, args.augment == "once")
         xt, yt = inputs("test", args.test_per_class, seed, False)
+        x, xt = as_images(x), as_images(xt)
         rng = np.random.default_rng(seed)
         probe = np.concatenate([rng.choice(np.where(y.numpy() == c)[0], args.probes, replace=False)
                                 for c in range(len(args.classes))])
@@ -1638,9 +1662,22 @@ def _elasticity_compare(args, write_csv) -> int:
     from . import figures
 
     paths = sorted(glob.glob(os.path.join(args.out, "run*_tracking.csv")))
-    if not paths:
-        raise SystemExit(f"no run*_tracking.csv in {args.out}: run `lesde elasticity --out {args.out} track` first")
     frames = [pd.read_csv(p) for p in paths]
+    if args.partial:   # the records so far of runs still without their CSV, from their checkpoints
+        import torch
+
+        work = args.work or os.path.join("runs", "elasticity", os.path.basename(os.path.normpath(args.out)))
+        done = {os.path.basename(p).split("_")[0] for p in paths}
+        for ck in sorted(glob.glob(os.path.join(work, "run*_checkpoint.pt"))):
+            name = os.path.basename(ck).split("_")[0]
+            if name in done:
+                continue
+            rows = torch.load(ck, map_location="cpu", weights_only=True)["rows"]
+            if rows:
+                frames.append(pd.DataFrame(rows))
+                print(f"{name}: {len(rows)} records so far (unfinished, from {ck})")
+    if not frames:
+        raise SystemExit(f"no run*_tracking.csv in {args.out}: run `lesde elasticity --out {args.out} track` first")
     pairs = [("kl_compat", "kl"), ("suhe_compat", "suhe"), ("kl", None), ("norm_prob", None), ("norm", None)]
     rows = []
     ours_all, refs_all = {}, {}
@@ -1648,7 +1685,8 @@ def _elasticity_compare(args, write_csv) -> int:
         if f"{ours}_0_0" not in frames[0].columns:
             continue
         st = [el.locality_statistics(el._measure_matrices(f, ours)) for f in frames]
-        n = min(len(f) for f in frames)
+        n = max(len(f) for f in frames)   # record t: the runs that reached it (column runs_ours)
+        longest = frames[int(np.argmax([len(f) for f in frames]))]
         ours_all[ours] = st
         rst = None
         if ref is not None:
@@ -1657,10 +1695,11 @@ def _elasticity_compare(args, write_csv) -> int:
             refs_all[ref] = rst
             n = min(n, R.shape[1])
         for t in range(n):
-            row = {"ours": ours, "reference": ref or "-", "record": t, "step": int(frames[0]["step"].iloc[t]),
-                   "epoch": float(frames[0]["epoch"].iloc[t])}
+            reached = [s for s, f in zip(st, frames) if len(f) > t]
+            row = {"ours": ours, "reference": ref or "-", "record": t, "step": int(longest["step"].iloc[t]),
+                   "epoch": float(longest["epoch"].iloc[t]), "runs_ours": len(reached)}
             for name, key in (("frac", "frac_same_exceeds"), ("ratio", "ratio"), ("dlr", "double_log_ratio")):
-                v = np.array([s[key][t].mean() if key == "frac_same_exceeds" else s[key][t] for s in st])
+                v = np.array([s[key][t].mean() if key == "frac_same_exceeds" else s[key][t] for s in reached])
                 row[f"{name}_ours"] = round(float(v.mean()), 4)
                 row[f"{name}_ours_sd"] = round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0
                 if rst is not None:
@@ -1686,7 +1725,8 @@ def _elasticity_compare(args, write_csv) -> int:
                 sel = f[ep == e]
                 if len(sel):
                     ours_train.append(float(sel["train_acc"].mean()))
-                    ours_test.append(float(sel["test_acc"].iloc[-1]))
+                    if sel["test_acc"].notna().any():
+                        ours_test.append(float(sel["test_acc"].dropna().iloc[-1]))
             acc_rows.append({
                 "epoch_index": int(e),
                 "train_acc_ours": round(float(np.mean(ours_train)), 4) if ours_train else float("nan"),
