@@ -1,0 +1,294 @@
+"""Fits of the paper-protocol runs with the package's estimators: the trajectory-matching
+``lesde.fit.ShootingEstimator`` (the default, with bands) and the I-estimator, the tail indices
+of A and B against p_err (``lesde.fit.tail_index``: the paper's definition and the log-log
+slope), and the held-out model table (``lesde.fit.compare_models``).
+
+Reads the trajectory stores of ``lesde reproduce`` (default ``runs/<protocol>``) and writes
+small files to ``figures/paper/fits/``:
+
+- ``<protocol>_<setting>_shooting.csv`` / ``.json``: the shooting fit of all finished trials of
+  the setting as trials of one fit (alpha, beta, A, B with their bands at the logged times, the
+  scalar summary, tail indices, the wall time);
+- ``<protocol>_<setting>_iestimator.json``: per trial, the I-estimator's A(T), B(T), alpha peak
+  and tail indices (mean and sd over trials: the band over trials);
+- ``<protocol>_<setting>_models.md`` / ``.json`` (with ``--models``): the held-out model table;
+- ``tail_index.md``: both tail indices of A and B against p_err, from both estimators.
+
+The shooting fit integrates the model over every logged interval of every trial; on a 2-core
+machine that is the expensive part, so by default it uses the first ``--per-class`` tracked
+training samples of each class and every ``--every``-th logged time (the class means it matches
+are then means over fewer samples: the bands widen accordingly). The I-estimator uses all
+tracked samples at every logged time.
+
+Usage (from the repository root, one torch thread)::
+
+    OMP_NUM_THREADS=1 python figures/paper/fits.py zhang2021-geomnist [--settings p000 ...]
+        [--per-class 20] [--every 4] [--knots 11] [--bands sandwich|trials] [--models]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def load_trials(run: str, setting: str, partial: bool = False):
+    """The finished trial stores of a setting (with ``partial`` also unfinished ones, cut to the
+    shortest) and their stacked Trajectory (all samples)."""
+    from lesde.fit import as_trajectory
+    from lesde.protocols import protocol_trials
+    from lesde.tracking import load_store
+
+    stores = [s for s in protocol_trials(run).get(setting, [])
+              if partial or load_store(s).complete]
+    if not stores:
+        raise ValueError(f"{run}: no finished trial of {setting}")
+    if partial:
+        from lesde.fit import Trajectory
+
+        trajs = [as_trajectory(s) for s in stores]
+        T = min(t.T for t in trajs)
+        if T < 2:
+            raise ValueError(f"{run}: {setting} has fewer than 2 logged times")
+        return stores, Trajectory(trajs[0].ts[:T], np.concatenate([t.features[:, :T] for t in trajs]),
+                                  trajs[0].labels, num_classes=trajs[0].K)
+    return stores, as_trajectory(stores)
+
+
+def reduce(traj, per_class: int, every: int):
+    """The first ``per_class`` tracked samples of each class at every ``every``-th time (the
+    last logged time always kept)."""
+    from lesde.fit import Trajectory
+
+    lab = traj.labels
+    sel = np.concatenate([np.flatnonzero(lab == c)[:per_class] for c in range(traj.K)])
+    tsel = np.arange(0, traj.T, every)
+    if tsel[-1] != traj.T - 1:
+        tsel = np.append(tsel, traj.T - 1)
+    return Trajectory(traj.ts[tsel], traj.features[:, tsel][:, :, sel], lab[sel],
+                      num_classes=traj.K, class_weights=traj.class_weights)
+
+
+def tails(ts, A, B, lr: float) -> dict:
+    """Both tail indices of A and B: the paper's (t in iterations, counted from 1) and the
+    log-log slope of the second half of the log-time range."""
+    from lesde.fit import tail_index
+
+    out = {}
+    for name, v in (("A", A), ("B", B)):
+        for kind in ("paper", "integral"):
+            kw = {"time_scale": 1.0 / lr, "time_offset": 1.0} if kind == "paper" else {}
+            try:
+                r = tail_index(ts, np.asarray(v, dtype=float), kind=kind, **kw)["r"]
+            except ValueError:
+                r = float("nan")
+            out[f"tail_{name}_{'paper' if kind == 'paper' else 'slope'}"] = float(r)
+    return out
+
+
+def alpha_peak(ts, A, lr: float, span_iterations: float = 500.0):
+    """Peak of alpha = dA/dt per SGD iteration (Savitzky-Golay derivative over about
+    ``span_iterations``; the half-window at either end left out) and its iteration."""
+    from lesde.fit import smooth_derivative
+
+    it = np.asarray(ts, dtype=float) / lr
+    a = np.asarray(A, dtype=float)
+    ok = np.isfinite(a)
+    w = int(round(span_iterations / (it[1] - it[0])))
+    w = max(5, w + 1 - w % 2)
+    if ok.sum() < w + 2:
+        return float("nan"), float("nan")
+    d = smooth_derivative(it[ok], a[ok], window=w, order=2)
+    inner = slice(w // 2, len(d) - w // 2)
+    i = int(np.argmax(d[inner])) + w // 2
+    return float(d[i]), float(it[ok][i])
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(seconds):
+    def handler(signum, frame):
+        raise _Timeout(f"stopped after {seconds} s")
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.alarm(int(seconds))
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def fit_setting(run, setting, lr, args, dest) -> dict:
+    from lesde.fit import IEstimator, ShootingEstimator, compare_models
+
+    name = f"{os.path.basename(os.path.normpath(run))}_{setting}"
+    stores, traj = load_trials(run, setting, args.partial)
+    info = {"run": os.path.basename(os.path.normpath(run)), "setting": setting,
+            "trials": traj.R, "last_iteration": float(traj.ts[-1] / lr), "tracked_per_class": int(np.bincount(traj.labels).min()),
+            "logged_times": traj.T, "lr": lr}
+    # the I-estimator, per trial (the band is the spread over trials)
+    per = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in range(traj.R):
+            est = IEstimator(on_reversed="nan", n_bootstrap=0).fit(traj.subset(trials=[r]))
+            row = {"trial": r, "A_T": float(est.A_[-1]), "B_T": float(est.B_[-1])}
+            row["alpha_peak"], row["alpha_peak_iteration"] = alpha_peak(traj.ts, est.A_, lr)
+            row.update(tails(traj.ts, est.A_, est.B_, lr))
+            per.append(row)
+    agg = {}
+    for k in per[0]:
+        if k == "trial":
+            continue
+        v = np.array([p[k] for p in per], dtype=float)
+        agg[k] = {"mean": float(np.nanmean(v)) if np.any(np.isfinite(v)) else float("nan"),
+                  "sd": float(np.nanstd(v, ddof=1)) if np.sum(np.isfinite(v)) > 1 else float("nan"),
+                  "n": int(np.sum(np.isfinite(v)))}
+    with open(os.path.join(dest, f"{name}_iestimator.json"), "w") as f:
+        json.dump({**info, "per_trial": per, "over_trials": agg}, f, indent=1)
+    out = {"info": info, "iestimator": agg}
+    # the trajectory-matching fit, all trials as trials of one fit
+    small = reduce(traj, args.per_class, args.every)
+    sinfo = dict(info, shoot_per_class=args.per_class, shoot_every=args.every,
+                 shoot_logged_times=small.T, knots=args.knots, bands=args.bands,
+                 n_bootstrap=args.n_bootstrap if args.bands != "sandwich" else 0)
+    t0 = time.time()
+    try:
+        _alarm(args.timeout)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = ShootingEstimator(knots=args.knots, bootstrap=args.bands,
+                                    n_bootstrap=args.n_bootstrap if args.bands != "sandwich" else 0,
+                                    max_iter=args.max_iter).fit(small)
+        signal.alarm(0)
+        sinfo["wall_seconds"] = time.time() - t0
+        sinfo["warnings"] = sorted({str(w.message)[:200] for w in caught})
+        sinfo["summary"] = est.summary()
+        sinfo.update(tails(est.ts_, est.A_, est.B_, lr))
+        sinfo["A_T"], sinfo["B_T"] = float(est.A_[-1]), float(est.B_[-1])
+        for q in ("A", "B"):
+            if q in est.bands_:
+                sinfo[f"{q}_T_band"] = [float(x) for x in est.bands_[q][:, -1]]
+        i = int(np.argmax(est.alpha_))
+        sinfo["alpha_peak_per_iteration"] = float(est.alpha_[i] * lr)
+        sinfo["alpha_peak_iteration"] = float(est.ts_[i] / lr)
+        res = est.results()
+        with open(os.path.join(dest, f"{name}_shooting.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            keys = list(res)
+            w.writerow(keys)
+            for j in range(len(res["t"])):
+                w.writerow([f"{res[k][j]:.6g}" for k in keys])
+        out["shooting"] = sinfo
+    except Exception as e:                                    # noqa: BLE001 - reported
+        signal.alarm(0)
+        sinfo["error"] = f"{type(e).__name__}: {e}"
+        sinfo["wall_seconds"] = time.time() - t0
+        out["shooting"] = sinfo
+    with open(os.path.join(dest, f"{name}_shooting.json"), "w") as f:
+        json.dump(sinfo, f, indent=1, default=float)
+    print(f"{name}: shooting {sinfo.get('error', 'ok')} in {sinfo['wall_seconds']:.0f} s",
+          flush=True)
+    if args.models:
+        t0 = time.time()
+        try:
+            _alarm(args.timeout)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mc = compare_models(small, n_paths=50, estimator_kwargs={"knots": args.knots,
+                                                                        "max_iter": args.max_iter})
+            signal.alarm(0)
+            text = (f"Held-out model table, {name}: fitted to t <= {mc.t_split:.3g} "
+                    f"({mc.n_fit} logged times), predicted over the remaining {mc.n_held_out}; "
+                    f"{small.R} trials, {args.per_class} tracked samples per class; "
+                    f"{time.time() - t0:.0f} s.\n\n" + mc.table() + "\n")
+            with open(os.path.join(dest, f"{name}_models.md"), "w") as f:
+                f.write(text)
+            with open(os.path.join(dest, f"{name}_models.json"), "w") as f:
+                json.dump({"t_split": mc.t_split, "rows": mc.rows}, f, indent=1, default=float)
+            print(text, flush=True)
+        except Exception as e:                                # noqa: BLE001 - reported
+            signal.alarm(0)
+            print(f"{name}: model table failed: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def tail_table(dest: str) -> str:
+    """Markdown table of both tail indices against the setting, from the JSON files in dest."""
+    import glob
+
+    lines = ["| run | setting | trials | estimator | tail A (paper) | tail B (paper) | "
+             "tail A (slope) | tail B (slope) |", "|---|---|---:|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(dest, "*_iestimator.json"))):
+        with open(path) as f:
+            d = json.load(f)
+        o = d["over_trials"]
+
+        def pm(k):
+            m, s = o[k]["mean"], o[k]["sd"]
+            return "-" if not np.isfinite(m) else (f"{m:.2f}" if not np.isfinite(s)
+                                                   else f"{m:.2f} +- {s:.2f}")
+
+        lines.append(f"| {d['run']} | {d['setting']} | {d['trials']} | I-estimator per trial "
+                     f"(mean +- sd) | {pm('tail_A_paper')} | {pm('tail_B_paper')} | "
+                     f"{pm('tail_A_slope')} | {pm('tail_B_slope')} |")
+        spath = path.replace("_iestimator.json", "_shooting.json")
+        if os.path.exists(spath):
+            with open(spath) as f:
+                s = json.load(f)
+            if "error" not in s:
+                lines.append(f"| {d['run']} | {d['setting']} | {s['trials']} | shooting, trials "
+                             f"pooled | {s['tail_A_paper']:.2f} | {s['tail_B_paper']:.2f} | "
+                             f"{s['tail_A_slope']:.2f} | {s['tail_B_slope']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(dest, "tail_index.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("protocol", nargs="?", default="zhang2021-geomnist")
+    ap.add_argument("--run", help="run directory (default runs/<protocol>)")
+    ap.add_argument("--settings", nargs="*", help="settings (default: all in the run)")
+    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--knots", type=int, default=11)
+    ap.add_argument("--bands", default="sandwich", choices=("sandwich", "trials", "parametric"))
+    ap.add_argument("--n-bootstrap", type=int, default=50)
+    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per fit")
+    ap.add_argument("--models", action="store_true", help="also the held-out model table")
+    ap.add_argument("--out", default=os.path.join(HERE, "fits"))
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--partial", action="store_true",
+                    help="also fit unfinished trials (cut to the shortest logged one)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    if not args.table_only:
+        from lesde.protocols import load_protocol, protocol_trials
+
+        run = args.run or os.path.join("runs", args.protocol)
+        lr = load_protocol(run).config.lr
+        for setting in args.settings or sorted(protocol_trials(run)):
+            fit_setting(run, setting, lr, args, args.out)
+    print(tail_table(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
