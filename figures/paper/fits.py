@@ -104,13 +104,14 @@ def alpha_peak(ts, A, lr: float, span_iterations: float = 500.0):
     it = np.asarray(ts, dtype=float) / lr
     a = np.asarray(A, dtype=float)
     ok = np.isfinite(a)
-    w = int(round(span_iterations / (it[1] - it[0])))
-    w = max(5, w + 1 - w % 2)
-    if ok.sum() < w + 2:
+    if ok.sum() < 5:
         return float("nan"), float("nan")
-    d = smooth_derivative(it[ok], a[ok], window=w, order=2)
-    inner = slice(w // 2, len(d) - w // 2)
-    i = int(np.argmax(d[inner])) + w // 2
+    d = smooth_derivative(it[ok], a[ok], window=span_iterations, order=2)
+    inner = np.flatnonzero((it[ok] >= it[ok][0] + span_iterations / 2)
+                           & (it[ok] <= it[ok][-1] - span_iterations / 2))
+    if inner.size == 0:
+        return float("nan"), float("nan")
+    i = inner[int(np.argmax(d[inner]))]
     return float(d[i]), float(it[ok][i])
 
 
@@ -159,6 +160,8 @@ def fit_setting(run, setting, lr, args, dest) -> dict:
     with open(os.path.join(dest, f"{name}_iestimator.json"), "w") as f:
         json.dump({**info, "per_trial": per, "over_trials": agg}, f, indent=1)
     out = {"info": info, "iestimator": agg}
+    if args.skip_shooting:
+        return out
     # the trajectory-matching fit, all trials as trials of one fit
     small = reduce(traj, args.per_class, args.every)
     sinfo = dict(info, shoot_per_class=args.per_class, shoot_every=args.every,
@@ -273,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--models", action="store_true", help="also the held-out model table")
     ap.add_argument("--out", default=os.path.join(HERE, "fits"))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--skip-shooting", action="store_true",
+                    help="only the I-estimator files (keeps the shooting files there)")
     ap.add_argument("--partial", action="store_true",
                     help="also fit unfinished trials (cut to the shortest logged one)")
     args = ap.parse_args(argv)
