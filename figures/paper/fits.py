@@ -81,15 +81,20 @@ def reduce(traj, per_class: int, every: int):
 
 def tails(ts, A, B, lr: float) -> dict:
     """Both tail indices of A and B: the paper's (t in iterations, counted from 1) and the
-    log-log slope of the second half of the log-time range."""
+    log-log slope of the second half of the log-time range (of -A or -B where it is mostly
+    negative in the second half of the log, as the paper's index negates a negative tail)."""
     from lesde.fit import tail_index
 
     out = {}
     for name, v in (("A", A), ("B", B)):
+        v = np.asarray(v, dtype=float)
+        half = v[len(v) // 2:]
+        if np.sum(half < 0) > np.sum(np.isfinite(half)) / 2:
+            v = -v                       # a negative B: its size, as the paper's index reads it
         for kind in ("paper", "integral"):
             kw = {"time_scale": 1.0 / lr, "time_offset": 1.0} if kind == "paper" else {}
             try:
-                r = tail_index(ts, np.asarray(v, dtype=float), kind=kind, **kw)["r"]
+                r = tail_index(ts, v, kind=kind, **kw)["r"]
             except ValueError:
                 r = float("nan")
             out[f"tail_{name}_{'paper' if kind == 'paper' else 'slope'}"] = float(r)
@@ -132,23 +137,42 @@ def _fmt(v):
 
 
 def fit_setting(run, setting, lr, args, dest) -> dict:
-    from lesde.fit import IEstimator, ShootingEstimator, compare_models
+    from lesde.fit import IEstimator, ShootingEstimator, compare_models, smooth_derivative
 
     name = f"{os.path.basename(os.path.normpath(run))}_{setting}"
     stores, traj = load_trials(run, setting, args.partial)
     info = {"run": os.path.basename(os.path.normpath(run)), "setting": setting,
             "trials": traj.R, "last_iteration": float(traj.ts[-1] / lr), "tracked_per_class": int(np.bincount(traj.labels).min()),
             "logged_times": traj.T, "lr": lr}
-    # the I-estimator, per trial (the band is the spread over trials)
+    # the I-estimator, per trial (the band is the spread over trials) and on the class means
+    # pooled over the trials (as the authors pool their 100 trials); coordinates combined as the
+    # authors' code does (mean log |ratio|, "log_abs") and by the package's default projection
     per = []
+    variants = {"": {"combine": "log_abs"}, "_projection": {"combine": "projection"}}
+    pooled_traj = (traj.ts, traj.class_means().mean(axis=0), np.arange(traj.K))
+    pooled = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in range(traj.R):
-            est = IEstimator(on_reversed="nan", n_bootstrap=0).fit(traj.subset(trials=[r]))
-            row = {"trial": r, "A_T": float(est.A_[-1]), "B_T": float(est.B_[-1])}
-            row["alpha_peak"], row["alpha_peak_iteration"] = alpha_peak(traj.ts, est.A_, lr)
-            row.update(tails(traj.ts, est.A_, est.B_, lr))
+            row = {"trial": r}
+            for tag, kw in variants.items():
+                est = IEstimator(n_bootstrap=0, **kw).fit(traj.subset(trials=[r]))
+                row[f"A_T{tag}"], row[f"B_T{tag}"] = float(est.A_[-1]), float(est.B_[-1])
+                row[f"alpha_peak{tag}"], row[f"alpha_peak_iteration{tag}"] = alpha_peak(
+                    traj.ts, est.A_, lr)
+                row.update({k + tag: v for k, v in tails(traj.ts, est.A_, est.B_, lr).items()})
             per.append(row)
+        for tag, kw in variants.items():
+            est = IEstimator(n_bootstrap=0, **kw).fit(pooled_traj)
+            pooled[f"A_T{tag}"], pooled[f"B_T{tag}"] = float(est.A_[-1]), float(est.B_[-1])
+            pooled[f"alpha_peak{tag}"], pooled[f"alpha_peak_iteration{tag}"] = alpha_peak(
+                traj.ts, est.A_, lr)
+            it = traj.ts / lr
+            late = it >= 5000
+            if np.any(late):
+                a_it = smooth_derivative(it, est.A_, window=500.0, order=2)
+                pooled[f"alpha_mean_after_5000{tag}"] = float(np.nanmean(a_it[late]))
+            pooled.update({k + tag: v for k, v in tails(traj.ts, est.A_, est.B_, lr).items()})
     agg = {}
     for k in per[0]:
         if k == "trial":
@@ -156,9 +180,18 @@ def fit_setting(run, setting, lr, args, dest) -> dict:
         v = np.array([p[k] for p in per], dtype=float)
         agg[k] = {"mean": float(np.nanmean(v)) if np.any(np.isfinite(v)) else float("nan"),
                   "sd": float(np.nanstd(v, ddof=1)) if np.sum(np.isfinite(v)) > 1 else float("nan"),
+                  "min": float(np.nanmin(v)) if np.any(np.isfinite(v)) else float("nan"),
+                  "max": float(np.nanmax(v)) if np.any(np.isfinite(v)) else float("nan"),
                   "n": int(np.sum(np.isfinite(v)))}
+    # validation accuracy at the last logged step, per trial
+    from lesde.tracking import load_store
+
+    acc = np.array([float(load_store(s).metrics()["test_acc"][:traj.T][-1]) for s in stores])
+    agg["val_acc"] = {"mean": float(acc.mean()), "sd": float(acc.std(ddof=1)) if len(acc) > 1
+                      else float("nan"), "min": float(acc.min()), "max": float(acc.max()),
+                      "n": int(len(acc))}
     with open(os.path.join(dest, f"{name}_iestimator.json"), "w") as f:
-        json.dump({**info, "per_trial": per, "over_trials": agg}, f, indent=1)
+        json.dump({**info, "per_trial": per, "over_trials": agg, "pooled": pooled}, f, indent=1)
     out = {"info": info, "iestimator": agg}
     if args.skip_shooting:
         return out
