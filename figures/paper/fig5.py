@@ -24,7 +24,8 @@ Usage (from the repository root, one torch thread)::
     OMP_NUM_THREADS=1 python figures/paper/fig5.py zhang2021-geomnist --setting p000
         [--per-class 10] [--every 4] [--paths 200] [--no-held-out]
 
-Reads the committed summary ``figures/paper/<protocol>/<setting>_summary.npz``, the fit
+Reads the committed summary ``figures/paper/<protocol>/<setting>_summary.npz`` (or, for a run
+with no finished trial, the same quantities from its stores, with ``--partial``), the fit
 ``figures/paper/fits/<protocol>_<setting>_shooting.csv`` and (for (b)'s starts and (c)) the
 trajectory stores in ``runs/<protocol>``; writes ``figures/paper/fig5/<protocol>_<setting>.png``
 and ``.json`` (the numbers of the panels).
@@ -81,6 +82,26 @@ def simulate_class_means(alpha, beta, ts, x0_means, field, *, per_class=1, sprea
     return np.transpose(sol.class_means, (1, 0, 2, 3))                    # (B, T, K, p)
 
 
+def summary_from_stores(run, setting, partial):
+    """What the panels need from a committed summary, from the stores (an unfinished run)."""
+    sys.path.insert(0, HERE)
+    from fits import load_trials
+
+    from lesde.fit import IEstimator
+
+    _, traj = load_trials(run, setting, partial)
+    cm = traj.class_means()                                                # (R, T, K, p)
+    dev = traj.features - cm[:, :, traj.labels]
+    spread = np.stack([np.sqrt((dev[:, :, traj.labels == k] ** 2).sum(-1).mean(-1))
+                       for k in range(traj.K)], axis=-1)                   # (R, T, K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = IEstimator(on_reversed="nan", n_bootstrap=0).fit(
+            (traj.ts, cm.mean(axis=0), np.arange(traj.K)))
+    return {"time": traj.ts, "class_mean_logits_train": cm, "spread_logits_train": spread,
+            "A_pooled": est.A_, "B_pooled": est.B_}
+
+
 def rescale(sim_mean, logged, it, c, coord, n_tail=1000):
     """The authors' rescaling: one factor so that the mean of coordinate ``coord`` of class
     ``c`` over the last ``n_tail`` iterations matches the log."""
@@ -130,7 +151,8 @@ def main(argv=None):
     colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
 
     # (a) the authors' recipe
-    z = np.load(summ)
+    z = np.load(summ) if os.path.exists(summ) else summary_from_stores(run, args.setting,
+                                                                         args.partial)
     ts = z["time"].astype(float)
     it = ts / lr
     logged = z["class_mean_logits_train"].astype(float).mean(axis=0)      # (T, K, K)
