@@ -199,13 +199,14 @@ def fit_setting(run, setting, lr, args, dest) -> dict:
     small = reduce(traj, args.per_class, args.every)
     sinfo = dict(info, shoot_per_class=args.per_class, shoot_every=args.every,
                  shoot_logged_times=small.T, knots=args.knots, bands=args.bands,
+                 matrix=args.matrix,
                  n_bootstrap=args.n_bootstrap if args.bands != "sandwich" else 0)
     t0 = time.time()
     try:
         _alarm(args.timeout)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            est = ShootingEstimator(knots=args.knots, bootstrap=args.bands,
+            est = ShootingEstimator(matrix=args.matrix, knots=args.knots, bootstrap=args.bands,
                                     n_bootstrap=args.n_bootstrap if args.bands != "sandwich" else 0,
                                     max_iter=args.max_iter).fit(small)
         signal.alarm(0)
@@ -243,8 +244,8 @@ def fit_setting(run, setting, lr, args, dest) -> dict:
             _alarm(args.timeout)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mc = compare_models(small, n_paths=50, estimator_kwargs={"knots": args.knots,
-                                                                        "max_iter": args.max_iter})
+                mc = compare_models(small, n_paths=50, estimator_kwargs={
+                    "knots": args.knots, "max_iter": args.max_iter, "matrix": args.matrix})
             signal.alarm(0)
             text = (f"Held-out model table, {name}: fitted to t <= {mc.t_split:.3g} "
                     f"({mc.n_fit} logged times), predicted over the remaining {mc.n_held_out}; "
@@ -302,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--knots", type=int, default=11)
+    ap.add_argument("--matrix", default="intra_inter", choices=("intra_inter", "full"),
+                    help="E's form: alpha, beta or all K x K entries")
     ap.add_argument("--bands", default="sandwich", choices=("sandwich", "trials", "parametric"))
     ap.add_argument("--n-bootstrap", type=int, default=50)
     ap.add_argument("--max-iter", type=int, default=100)
