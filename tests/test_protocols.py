@@ -2,13 +2,15 @@
 run and resumed over processes, the summaries, the read-out log, states rebuilt at any step."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from lesde.cli import main
-from lesde.fit import IEstimator, RegressionEstimator, as_trajectory
+from lesde.fit import (IEstimator, RegressionEstimator, ShootingEstimator, Trajectory,
+                       as_trajectory, tail_index)
 from lesde.nets import LeNet
 from lesde.protocols import (
     PROTOCOLS,
@@ -268,7 +270,9 @@ def test_cli_reproduce_list_run_and_summary(tmp_path, capsys):
 def test_paper_protocol_end_to_end(tmp_path):
     """The paper's GeoMNIST protocol (500 + 500 images per class, LeNet float64, SGD batch 1
     with replacement, lr 0.005) for 300 iterations, two trials: trained, logged, summarised,
-    and fitted with the existing estimators, the two trials stacked."""
+    and fitted, the two trials stacked as trials of one fit: the I-estimator, the regression, and
+    the default trajectory-matching fit (ShootingEstimator) with bands over the trials, and both
+    tail indices."""
     out = str(tmp_path / "paper")
     recs = run_protocol("zhang2021-geomnist", out, trials=2, p_errs=[0.0], progress=False,
                         steps=300, log_every=20)
@@ -285,6 +289,23 @@ def test_paper_protocol_end_to_end(tmp_path):
     assert np.isfinite(i_est.A_[-1]) and i_est.bands_["A"].shape == (2, 16)
     reg = RegressionEstimator(field="cross_entropy").fit(traj)
     assert np.all(np.isfinite(reg.alpha_)) and np.all(np.isfinite(reg.beta_))
+    # the default estimator on a thinned log (as figures/paper/fits.py does): 10 tracked samples
+    # per class, every other logged time, both trials in one fit, bands from the trials
+    sel = np.concatenate([np.flatnonzero(traj.labels == c)[:10] for c in range(3)])
+    small = Trajectory(traj.ts[::3], traj.features[:, ::3][:, :, sel], traj.labels[sel])
+    shoot = ShootingEstimator(knots=3, bootstrap="trials", n_bootstrap=10, max_iter=50)
+    with warnings.catch_warnings():          # alpha + 2 beta may be weakly identified this early
+        warnings.simplefilter("ignore", UserWarning)
+        shoot.fit(small)
+    assert shoot.n_trials_ == 2 and shoot.alpha_.shape == (6,)
+    assert np.all(np.isfinite(shoot.A_)) and np.all(np.isfinite(shoot.B_))
+    lo, hi = shoot.bands_["A"]
+    assert np.all(lo <= hi) and lo.shape == (6,)
+    assert np.all(np.isfinite(shoot.bands_["alpha"])) and shoot.band_method_ == "trials"
+    assert shoot.sde().K == 3                # the fitted SDE, ready to simulate (Fig. 5)
+    for kind, kw in (("paper", {"time_scale": 1 / 0.005, "time_offset": 1.0}), ("integral", {})):
+        r = tail_index(shoot.ts_, np.abs(shoot.A_) + 1e-12, kind=kind, **kw)
+        assert np.isfinite(r["r"])
     files = write_protocol_summary(out, str(tmp_path / "summary"))
     assert any(f.endswith("summary.md") for f in files)
 

@@ -56,13 +56,14 @@ def alpha_peak(A, iterations, span: float = 500.0):
     a = np.asarray(A, dtype=float)
     it = np.asarray(iterations, dtype=float)
     ok = np.isfinite(a)
-    w = int(round(span / (it[1] - it[0])))
-    w = max(5, w + 1 - w % 2)
-    if ok.sum() < w + 2:
+    if ok.sum() < 5:
         return np.nan, np.nan
-    d = smooth_derivative(it[ok], a[ok], window=w, order=2)
-    inner = slice(w // 2, len(d) - w // 2)
-    i = int(np.argmax(d[inner])) + w // 2
+    # the window is a width in the units of the times (iterations here), not a point count
+    d = smooth_derivative(it[ok], a[ok], window=span, order=2)
+    inner = np.flatnonzero((it[ok] >= it[ok][0] + span / 2) & (it[ok] <= it[ok][-1] - span / 2))
+    if inner.size == 0:
+        return np.nan, np.nan
+    i = inner[int(np.argmax(d[inner]))]
     return float(d[i]), float(it[ok][i])
 
 
