@@ -48,3 +48,22 @@ class Estimator:
     def _check_fitted(self):
         if not self.is_fitted:
             raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit(trajectory)")
+
+
+class ImpactTailIndex:
+    """``tail_index`` for estimators with fitted ``ts_``, ``alpha_``, ``beta_``, ``A_``, ``B_``."""
+
+    def tail_index(self, tail=None, which: str = "A", kind: str = "integral", **kwargs) -> dict:
+        """Tail index r of the fitted intra- (``which="A"``) or inter-class (``"B"``) impact by
+        :func:`~lesde.fit.tail_index` (``kind`` "paper", "integral" or "rate"; keyword
+        arguments such as ``time_scale`` go to it)."""
+        from .derivatives import tail_index
+
+        self._check_fitted()
+        if which not in ("A", "B"):
+            raise ValueError(f"which must be 'A' or 'B', got {which!r}")
+        if kind == "rate":
+            v = self.alpha_ if which == "A" else self.beta_
+        else:
+            v = self.A_ if which == "A" else self.B_
+        return tail_index(self.ts_, v, tail=tail, kind=kind, **kwargs)

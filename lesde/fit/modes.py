@@ -29,8 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-from ._base import Estimator
-from .derivatives import default_window, smooth_derivative, tail_index
+from ._base import Estimator, ImpactTailIndex
+from .derivatives import default_window, smooth_derivative
 from .trajectory import Trajectory, as_trajectory
 from .uncertainty import (band_from_replicates, bootstrap_draws, parallel_map, percentile_band,
                           resampled_means, resolve_mode)
@@ -40,7 +40,7 @@ __all__ = ["IEstimator", "LEstimator"]
 _MODE_BOOT = ("auto", "samples", "trials", "both", "parametric", "none")
 
 
-class _ModeEstimator(Estimator):
+class _ModeEstimator(ImpactTailIndex, Estimator):
     """Common part of the I- and L-estimators: per-trial A, B from class means, averaged over
     trials; alpha, beta by a local polynomial in time; bootstrap bands."""
 
@@ -239,20 +239,6 @@ class _ModeEstimator(Estimator):
         return Impacts.intra_inter(FunctionSchedule(lambda t: np.interp(t, ts, a), "alpha"),
                                    FunctionSchedule(lambda t: np.interp(t, ts, b), "beta"),
                                    self.K_)
-
-    def tail_index(self, tail: Optional[float] = None, which: str = "A", kind: str = "integral",
-                   **kwargs) -> dict:
-        """Tail index r of the fitted intra- (``which="A"``) or inter-class (``"B"``) impact by
-        :func:`~lesde.fit.tail_index` (``kind`` "paper", "integral" or "rate"; keyword
-        arguments such as ``time_scale`` go to it)."""
-        self._check_fitted()
-        if which not in ("A", "B"):
-            raise ValueError(f"which must be 'A' or 'B', got {which!r}")
-        if kind == "rate":
-            v = self.alpha_ if which == "A" else self.beta_
-        else:
-            v = self.A_ if which == "A" else self.B_
-        return tail_index(self.ts_, v, tail=tail, kind=kind, **kwargs)
 
     def results(self) -> dict:
         """The fitted curves as a dict of (T,) arrays (bands as ``<name>_lo`` / ``<name>_hi``)."""

@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._base import Estimator
+from ._base import Estimator, ImpactTailIndex
 from ._fields import ClassMeanField, field_values
 from .forms import ImpactForm
 from .trajectory import Trajectory, as_trajectory, class_means
@@ -292,7 +292,7 @@ def _fit_lr(res: np.ndarray, dt: np.ndarray, D: np.ndarray, Q: np.ndarray) -> fl
 # ============================================================================================
 # the estimator
 # ============================================================================================
-class ShootingEstimator(Estimator):
+class ShootingEstimator(ImpactTailIndex, Estimator):
     r"""E(t) of the LE-SDE fitted by trajectory matching (multiple shooting); see the module
     docstring for the method, its assumptions and its biases.
 
@@ -487,22 +487,6 @@ class ShootingEstimator(Estimator):
             q = _quantities_t(self.form_, torch.as_tensor(np.asarray(theta, dtype=float)),
                               self.ts_)
         return {k: v.numpy() for k, v in q.items()}
-
-    def tail_index(self, tail: Optional[float] = None, which: str = "A", kind: str = "integral",
-                   **kwargs) -> dict:
-        """Tail index r of the fitted intra- (``which="A"``) or inter-class (``"B"``) impact by
-        :func:`~lesde.fit.tail_index` (``kind`` "paper", "integral" or "rate"; keyword
-        arguments such as ``time_scale`` go to it)."""
-        from .derivatives import tail_index
-
-        self._check_fitted()
-        if which not in ("A", "B"):
-            raise ValueError(f"which must be 'A' or 'B', got {which!r}")
-        if kind == "rate":
-            v = self.alpha_ if which == "A" else self.beta_
-        else:
-            v = self.A_ if which == "A" else self.B_
-        return tail_index(self.ts_, v, tail=tail, kind=kind, **kwargs)
 
     def impacts(self):
         """The fitted E(t) as a :class:`~lesde.model.Impacts`."""
