@@ -308,12 +308,13 @@ def plot_elasticity_tracking(frame, classes, path, *,
                 ax.set_title(f"update on {classes[a]}")
             if row == len(measures) - 1:
                 ax.set_xlabel("training epoch")
-        axes[row, 0].set_ylabel(f"{_measure_words(m)}\n(class-pair mean)")
+            ax.set_ylabel(_measure_words(m))
     handles = [Line2D([], [], color=color(b), lw=1.2, label=f"probe class {classes[b]}")
                for b in range(K)]
     handles.append(Line2D([], [], color="0.3", lw=2.2, label="probe of the update's class"))
     legend_outside(fig, handles, where="bottom", ncol=K + 1)
-    fig.suptitle("Relative similarity of one update step towards the probes of each class, one run")
+    fig.suptitle("Relative similarity of one update step towards the probes of each class "
+                 "(class-pair means), one run")
     return save_figure(fig, path, formats)[0]
 
 
@@ -452,6 +453,7 @@ def _statistic_axes(fig, rows, titles):
         for c, (_, _, head, ylab, _) in enumerate(_STATISTICS):
             axs[c].set_title(head, fontsize=7.5)
             axs[c].set_ylabel(ylab, fontsize=7.5)
+            axs[c].set_xlabel("training epoch", fontsize=7.5)
             axes[r, c] = axs[c]
     return axes
 
@@ -471,7 +473,7 @@ def plot_tracking_statistics(frames, classes, path, measures=None, *,
 
     measures = [m for m in (measures or TRACK_MEASURES) if f"{m}_0_0" in frames[0].columns]
     k = len(classes)
-    fig = new_figure(FULL_WIDTH, 1.75 * len(measures) + 0.6)
+    fig = new_figure(FULL_WIDTH, 1.9 * len(measures) + 0.6)
     axes = _statistic_axes(fig, len(measures), [_measure_words(m, formula=True) for m in measures])
     for row, m in enumerate(measures):
         stats = [tracking_statistics(f, m) for f in frames]
@@ -485,8 +487,6 @@ def plot_tracking_statistics(frames, classes, path, measures=None, *,
             ax.plot(ep, v.mean(0), color=color(0), lw=1.5, marker="o", ms=2.5, zorder=3)
             ax.axhline(1.0 / k if chance is None else chance, ls="--", color="black", lw=0.9,
                        zorder=2)
-            if row == len(measures) - 1:
-                ax.set_xlabel("training epoch")
     handles = [Line2D([], [], color=color(0), lw=1.5, marker="o", ms=2.5,
                       label=f"mean of {len(frames)} run{'s' if len(frames) > 1 else ''}")]
     if len(frames) > 1:
@@ -516,7 +516,7 @@ def plot_dan_comparison(table, path, *, formats: Optional[Sequence[str]] = FORMA
         if str(ref) in _REFERENCE_WORDS:
             head += f"; against {_REFERENCE_WORDS[str(ref)]}"
         titles.append(head)
-    fig = new_figure(FULL_WIDTH, 1.75 * len(keys) + 0.7)
+    fig = new_figure(FULL_WIDTH, 1.9 * len(keys) + 0.7)
     axes = _statistic_axes(fig, len(keys), titles)
     handles = {}
     for row, (ours, ref) in enumerate(keys):
@@ -550,8 +550,6 @@ def plot_dan_comparison(table, path, *, formats: Optional[Sequence[str]] = FORMA
                 vals = vals[np.isfinite(vals)]
                 if vals.size and vals.min() > 0 and vals.max() / vals.min() > 20:
                     ax.set_yscale("log")
-            if row == len(keys) - 1:
-                ax.set_xlabel("training epoch")
         if drops:
             handles.setdefault("drops", Line2D(
                 [], [], color="0.45", ls=":", lw=0.9,
