@@ -1,9 +1,10 @@
 """Figures. Every function reads results (Solutions, tables, arrays) and writes one figure.
 
-Nothing here simulates or trains; the command line runs the jobs and calls these. The theory
-figures (demo, SGD vs SDE, phase, neural collapse, clouds) are drawn in the package's style
-(:mod:`lesde.plotting`) and take ``formats`` (e.g. ``("pdf", "svg")``) for further files written
-beside ``path``.
+Nothing here simulates or trains; the command line runs the jobs and calls these. Every figure
+(theory, fits, real runs, local elasticity) is drawn in the package's style
+(:mod:`lesde.plotting`) and takes ``formats`` for the files written beside ``path``: the theory,
+fit and protocol figures write further formats only when asked (e.g. ``("pdf", "svg")``), the
+elasticity figures write PNG, PDF and SVG unless told otherwise.
 """
 from __future__ import annotations
 
@@ -185,8 +186,6 @@ _STATISTICS = (
     ("double_log_ratio", "dlr", "double log-ratio (row, column effects cancel)",
      "mean$_{k<l}$ of\n" r"$\log(S_{kk}S_{ll}\,/\,S_{kl}S_{lk})$", 0.0),
 )
-_STAT_LABELS = tuple((key, title, 1.0 / 3.0 if chance is None else chance)
-                     for key, _, title, _, chance in _STATISTICS)  # (kept for callers)
 
 _CLUSTER_METHOD_WORDS = {"kmeans_rel": "K-means on " + _S_REL,
                          "spectral_rel": "spectral on " + _S_REL,
