@@ -502,8 +502,8 @@ def plot_dan_comparison(table, path, *, formats: Optional[Sequence[str]] = FORMA
     """This package's tracking runs against Dan et al.'s released curves, record by record
     (a table from ``lesde elasticity compare``): rows = (our measure, their definition),
     columns = fraction / ratio / double log-ratio; mean over runs with +-1 sd bands (ours
-    filled, theirs hatched), chance dashed (1/3, 1, 0: the released curves have three classes). Where fewer of our runs reach a record (column
-    ``runs_ours``) a dotted vertical line marks it.
+    filled, theirs hatched), chance dashed (1/3, 1, 0: the released curves have three classes).
+    Where fewer of our runs reach a record (column ``runs_ours``) a dotted vertical line marks it.
 
     ``formats``: the formats written (same stem as ``path``); returns ``path``."""
     from matplotlib.lines import Line2D
