@@ -2181,17 +2181,17 @@ def _add_fit(sub):
     m.add_argument("--knots", default=None,
                    help="piecewise-linear knots: a number (equally spaced, default 11) or a "
                    "comma list of times")
-    m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law (1.0)")
+    m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law")
     m.add_argument("--noise", choices=("both", "additive", "sgd", "none"), default="both",
                    help="noise model of the weights and the parametric bootstrap (default both)")
     b = p.add_argument_group("bands")
     b.add_argument("--bootstrap", default="auto",
                    choices=("auto", "sandwich", "parametric", "samples", "trials", "both", "none"),
                    help="band method (default auto: parametric bootstrap when --n-bootstrap > 0)")
-    b.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples (200)")
+    b.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples")
     b.add_argument("--interval", choices=("basic", "percentile", "normal"), default="basic",
                    help="bootstrap interval: basic (2 theta - quantiles), percentile, or normal")
-    b.add_argument("--level", type=float, default=0.95, help="level of the bands (0.95)")
+    b.add_argument("--level", type=float, default=0.95, help="level of the bands")
     b.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap refits")
     b.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                    help="run the bootstrap refits on this Dask scheduler")
@@ -2210,14 +2210,14 @@ def _add_fit(sub):
                    help="I/L estimators, a mode turned against its start: abs (its magnitude), "
                    "nan or raise")
     o.add_argument("--tail", type=float, default=0.5,
-                   help="log-log tail index: fraction (0, 1] of the log-time range (0.5)")
+                   help="log-log tail index: fraction (0, 1] of the log-time range")
     o.add_argument("--tail-iterations", type=float, default=1000.0,
-                   help="the paper's tail index: the last this-many SGD iterations (1000)")
+                   help="the paper's tail index: the last this-many SGD iterations")
     o.add_argument("--compare", type=float, default=0.5, metavar="FRACTION",
                    help="held-out model comparison: fit on this fraction of the run, score the "
                    "rest (0: skip; default 0.5)")
     o.add_argument("--compare-paths", type=int, default=50,
-                   help="simulated paths per model of the comparison (50)")
+                   help="simulated paths per model of the comparison")
     o.add_argument("--gof-paths", type=int, default=0,
                    help="simulate this many paths of each fitted SDE over the whole log (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and simulated paths")

@@ -1,20 +1,20 @@
 """Figures. Every function reads results (Solutions, tables, arrays) and writes one figure.
 
-Nothing here simulates or trains; the command line runs the jobs and calls these. The theory
-figures (demo, SGD vs SDE, phase, neural collapse, clouds) are drawn in the package's style
-(:mod:`lesde.plotting`) and take ``formats`` (e.g. ``("pdf", "svg")``) for further files written
-beside ``path``.
+Nothing here simulates or trains; the command line runs the jobs and calls these. Every figure
+(theory, fits, real runs, local elasticity) is drawn in the package's style
+(:mod:`lesde.plotting`) and takes ``formats`` for the files written beside ``path``: the theory,
+fit and protocol figures write further formats only when asked (e.g. ``("pdf", "svg")``), the
+elasticity figures write PNG, PDF and SVG unless told otherwise.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .plotting import (FULL_WIDTH, band, color, legend_outside, mathify, new_figure, save_figure,
-                       shared_colorbar, styled)
+from .plotting import (FORMATS, FULL_WIDTH, band, color, legend_outside, mathify, new_figure,
+                       save_figure, shared_colorbar, styled)
 
 __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_curve",
            "plot_phase", "plot_neural_collapse", "plot_feature_clouds",
@@ -22,33 +22,6 @@ __all__ = ["class_mean_plane", "plot_demo", "plot_sgd_vs_sde", "training_loss_cu
            "plot_tracking_statistics", "plot_dan_comparison", "plot_torus_profiles",
            "plot_clustering_summary",
            "plot_goodness_of_fit", "plot_protocol_summary"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper")
-    return plt
-
-
-def _save(fig, path) -> str:
-    """Write the figure atomically (a temporary file beside it, then a rename)."""
-    from .storage import atomic_write
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_write(path, "wb", fsync=False) as f:
-            fig.savefig(f, dpi=130, bbox_inches="tight", format=fmt)
-    finally:
-        plt.close(fig)
-    return str(path)
 
 
 def class_mean_plane(means: np.ndarray):
@@ -69,10 +42,6 @@ def training_loss_curve(states: np.ndarray, labels: np.ndarray):
     from .metrics import argmax_accuracy, cross_entropy
 
     return np.asarray(cross_entropy(states, labels)), np.asarray(argmax_accuracy(states, labels))
-
-
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
-            "#7f7f7f", "#bcbd22", "#17becf"]
 
 
 @styled
@@ -183,186 +152,414 @@ def plot_sgd_vs_sde(results: Sequence[dict], path, formats: Optional[Sequence[st
     return save_figure(fig, path, formats)[0]
 
 
-def plot_torus_locality(results: dict, path) -> str:
+# --------------------------------------------------------------------------------------------
+# local elasticity (lesde.elasticity, `lesde elasticity`)
+# --------------------------------------------------------------------------------------------
+_ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "elephant": "elephant",
+                     "elephant_spread": "elephant, spread biases", "linear": "no activation",
+                     "none": "no activation"}
+
+# primes are typed as the Unicode prime (U+2032): mathtext's ' needs fonts not installed everywhere
+_S_REL = r"$S_{\mathrm{rel}}$"
+_S_KER = r"$S_{\mathrm{ker}}$"
+
+#: the tracking measures of :func:`lesde.elasticity.class_elasticity` in words: (name, formula)
+_MEASURE_WORDS = {
+    "kl": ("KL ratio", r"$\mathrm{KL}(g(x′)\,\|\,g_+(x′))\,/\,\mathrm{KL}(g(x)\,\|\,g_+(x))$, "
+           r"$g$ the softmax"),
+    "kl_compat": ("KL ratio, Dan et al.'s released formula", ""),
+    "norm": ("logit-change ratio", r"$\|\Delta z(x′)\|\,/\,\|\Delta z(x)\|$, $z$ the logits"),
+    "norm_prob": ("probability-change ratio",
+                  r"$\|\Delta p(x′)\|\,/\,\|\Delta p(x)\|$, $p$ the softmax probabilities"),
+    "suhe_compat": ("probability-change ratio, Dan et al.'s released formula",
+                    r"$\mathrm{mean}_c\,|\Delta p_c(x′)|\,/\,\mathrm{rms}_c\,\Delta p_c(x)$"),
+}
+#: Dan et al.'s released curves by the name of their definition
+_REFERENCE_WORDS = {"kl": "their KL-ratio curves", "suhe": "their probability-ratio curves"}
+
+#: the locality statistics of :func:`lesde.elasticity.locality_statistics`: (column key of
+#: tracking_statistics, key in a comparison table, title, y label, chance level; None: 1/K)
+_STATISTICS = (
+    ("frac_same_exceeds", "frac", "same-class $S$ above every cross-class $S$",
+     "fraction of classes", None),
+    ("ratio", "ratio", "same-class over cross-class mean", "ratio", 1.0),
+    ("double_log_ratio", "dlr", "double log-ratio (row, column effects cancel)",
+     "mean$_{k<l}$ of\n" r"$\log(S_{kk}S_{ll}\,/\,S_{kl}S_{lk})$", 0.0),
+)
+
+_CLUSTER_METHOD_WORDS = {"kmeans_rel": "K-means on " + _S_REL,
+                         "spectral_rel": "spectral on " + _S_REL,
+                         "kernel_kmeans_ker": "kernel K-means on " + _S_KER,
+                         "kmeans_raw": "K-means on the pixels",
+                         "pca_kmeans": "PCA + K-means on the pixels"}
+_CLUSTER_OUTPUT_WORDS = {"logits": "logit", "probabilities": "prob."}
+_CLUSTER_KIND_WORDS = {"NTK": "closed-form NTK of the width", "init NTK": "exact NTK at initialisation",
+                       "": "trained"}
+
+
+def _activation_words(name) -> str:
+    """'elephant_spread' -> 'elephant, spread biases'; unknown names unchanged."""
+    return _ACTIVATION_WORDS.get(str(name), str(name))
+
+
+def _network_parts(network, width):
+    """A clustering table's network and width in words: (activation, width, kind), e.g.
+    ('relu (NTK)', 'inf') -> ('ReLU', '$m \\to \\infty$', 'closed-form NTK of the width');
+    ('tanh (init NTK)', '512') -> ('tanh', '$m$ = 512', 'exact NTK at initialisation');
+    ('relu', '16') -> ('ReLU', '$m$ = 16', 'trained')."""
+    network, width = str(network), str(width)
+    base, _, kind = network.partition(" (")
+    kind = kind.rstrip(")")
+    try:
+        w = float(width)
+    except ValueError:
+        w = float("nan")
+    if math.isinf(w):
+        size = r"$m \to \infty$"
+    elif math.isfinite(w):
+        size = f"$m$ = {int(w):,}" if w == int(w) else f"$m$ = {w:g}"
+    else:
+        size = f"$m$ = {width}"
+    return _activation_words(base), size, _CLUSTER_KIND_WORDS.get(kind, kind)
+
+
+def _measure_words(measure, formula: bool = False) -> str:
+    name, tex = _MEASURE_WORDS.get(str(measure), (str(measure), ""))
+    return f"{name}: {tex}" if formula and tex else name
+
+
+def _pi_ticks(ax):
+    """x ticks at 0, pi/4, ..., pi (a distance in radians)."""
+    ax.set_xticks(np.linspace(0, np.pi, 5))
+    ax.set_xticklabels(["0", r"$\pi/4$", r"$\pi/2$", r"$3\pi/4$", r"$\pi$"])
+    ax.set_xlim(0, np.pi)
+
+
+@styled
+def plot_torus_locality(results: dict, path, *, formats: Optional[Sequence[str]] = FORMATS) -> str:
     """S_rel against geodesic distance along the torus curves, one panel per network
-    (name -> ``lesde.elasticity.LocalityResult``), with the Pearson correlation."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=False, squeeze=False)
-    for ax, (name, r) in zip(axes[0], results.items()):
-        ax.scatter(np.asarray(r.distance), np.asarray(r.s_rel), s=2, alpha=0.3)
-        ax.set_title(f"{name} MLP: Pearson {r.pearson:+.2f}", fontsize=9)
-        ax.set_xlabel("geodesic distance along the curve")
-        ax.set_ylabel("S_rel(x, x')")
-    fig.tight_layout()
-    return _save(fig, path)
+    (name -> ``lesde.elasticity.LocalityResult``), with the Pearson correlation (He & Su: a
+    negative correlation is locality).
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    n = len(results)
+    fig = new_figure(FULL_WIDTH, 2.6)
+    axes = np.atleast_1d(fig.subplots(1, n, squeeze=False, sharey=True)[0])
+    for i, (ax, (name, r)) in enumerate(zip(axes, results.items())):
+        ax.scatter(np.asarray(r.distance), np.asarray(r.s_rel), s=2, color=color(i), alpha=0.35,
+                   edgecolors="none", rasterized=True)
+        ax.set_title(f"{_activation_words(name)}\nPearson $r = {r.pearson:+.2f}$")
+        ax.set_xlabel(r"distance $|\theta - \theta′|$ (rad)")
+        _pi_ticks(ax)
+    axes[0].set_ylabel(_S_REL + r"$(x, x′)$ of the logit")
+    fig.suptitle("Relative similarity against the geodesic distance of two points of a torus curve "
+                 "(same-class pairs $x \\neq x′$)")
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_matrix(S: np.ndarray, title: str, path) -> str:
-    """A pairwise similarity matrix as an image (row = update example, column = probe)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4.3))
-    im = ax.imshow(np.asarray(S), cmap="viridis")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title, fontsize=9)
+@styled
+def plot_matrix(S: np.ndarray, title: str, path, *, formats: Optional[Sequence[str]] = FORMATS) -> str:
+    """A pairwise similarity matrix as an image (row = update example, column = probe), with its
+    colour bar. ``title``: code names of the similarity (``S_relative``, ``S_kernelized``,
+    ``S_kl``) are typeset as symbols.
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    S = np.asarray(S, dtype=float)
+    fig = new_figure(FULL_WIDTH * 0.55, 3.4)
+    ax = fig.subplots()
+    im = ax.imshow(S, interpolation="nearest")
     ax.grid(False)
-    return _save(fig, path)
+    ax.set_xlabel(r"probe example $x′$ (index)")
+    ax.set_ylabel(r"update example $x$ (index)")
+    text = str(title)
+    for code, tex in (("S_relative", _S_REL), ("S_rel", _S_REL), ("S_kernelized", _S_KER),
+                      ("S_ker", _S_KER), ("S_kl", r"$S_{\mathrm{rel}}^{\mathrm{KL}}$")):
+        text = text.replace(code, tex)
+    ax.set_title(text)
+    shared_colorbar(fig, im, [ax], "similarity " + (text.split()[0] if text.startswith("$") else ""))
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_elasticity_tracking(frame, classes, path) -> str:
-    """Dan et al.'s protocol: S_rel (KL, top; norm ratio, bottom) for each update class
-    (columns) against every probe class, over epochs. ``frame`` has columns ``epoch`` and
-    ``{kl,norm}_{a}_{b}``."""
-    plt = _plt()
+@styled
+def plot_elasticity_tracking(frame, classes, path, *,
+                             formats: Optional[Sequence[str]] = FORMATS) -> str:
+    """Dan et al.'s protocol: the class-pair mean relative similarity (KL ratio, top; logit-change
+    ratio, bottom) of each update class (columns) towards every probe class, over epochs; the
+    same-class curve is drawn thick. ``frame`` has columns ``epoch`` and ``{kl,norm}_{a}_{b}``
+    (row a = update class, b = probe class).
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    from matplotlib.lines import Line2D
+
+    classes = [str(c) for c in classes]
     K = len(classes)
-    fig, axes = plt.subplots(2, K, figsize=(4 * K, 6), squeeze=False)
-    for row, m in enumerate(("kl", "norm")):
+    measures = [m for m in ("kl", "norm") if f"{m}_0_0" in frame.columns]
+    fig = new_figure(FULL_WIDTH, 1.9 * len(measures) + 0.9)
+    axes = fig.subplots(len(measures), K, squeeze=False, sharex=True)
+    ep = np.asarray(frame["epoch"], dtype=float)
+    for row, m in enumerate(measures):
         for a in range(K):
             ax = axes[row, a]
             for b in range(K):
-                ax.plot(frame["epoch"], frame[f"{m}_{a}_{b}"], lw=2 if a == b else 1,
-                        label=f"probe {classes[b]}" + (" (same class)" if a == b else ""))
-            ax.set_title(f"S_rel ({'KL' if m == 'kl' else 'norm ratio'}), update class {classes[a]}", fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+                ax.plot(ep, frame[f"{m}_{a}_{b}"], color=color(b), lw=2.2 if a == b else 1.0,
+                        zorder=3 if a == b else 2)
+            if row == 0:
+                ax.set_title(f"update on {classes[a]}")
+            if row == len(measures) - 1:
+                ax.set_xlabel("training epoch")
+            ax.set_ylabel(_measure_words(m))
+    handles = [Line2D([], [], color=color(b), lw=1.2, label=f"probe class {classes[b]}")
+               for b in range(K)]
+    handles.append(Line2D([], [], color="0.3", lw=2.2, label="probe of the update's class"))
+    legend_outside(fig, handles, where="bottom", ncol=K + 1)
+    fig.suptitle("Relative similarity of one update step towards the probes of each class "
+                 "(class-pair means), one run")
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_torus_profiles(profiles: dict, edges, path) -> str:
+@styled
+def plot_torus_profiles(profiles: dict, edges, path, *,
+                        formats: Optional[Sequence[str]] = FORMATS) -> str:
     """Mean S_rel per geodesic-distance bin on the torus curves, one panel per network, at
-    initialisation (dashed) and after training (solid); mean over seeds with a +-1 sd band.
-    ``profiles``: (network, steps) -> list of bin-mean arrays (one per seed)."""
-    plt = _plt()
+    initialisation (dashed, filled band) and after training (solid, hatched band); mean over
+    seeds with a +-1 sd band. ``profiles``: (network, steps) -> list of bin-mean arrays (one per
+    seed).
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    from matplotlib.lines import Line2D
+
     nets = list(dict.fromkeys(k[0] for k in profiles))
+    steps_all = sorted(dict.fromkeys(k[1] for k in profiles))
     centres = 0.5 * (np.asarray(edges)[1:] + np.asarray(edges)[:-1])
-    fig, axes = plt.subplots(1, len(nets), figsize=(3.3 * len(nets), 3.2), sharey=True, squeeze=False)
-    for ax, net in zip(axes[0], nets):
-        for (name, steps), vals in profiles.items():
-            if name != net:
+    fig = new_figure(FULL_WIDTH, 2.7)
+    axes = fig.subplots(1, len(nets), squeeze=False, sharey=True)[0]
+    seeds = set()
+    for ax, net in zip(axes, nets):
+        for i, steps in enumerate(steps_all):
+            vals = profiles.get((net, steps))
+            if vals is None:
                 continue
-            v = np.asarray(vals)
-            m, sd = v.mean(0), v.std(0)
-            ls = "--" if steps == 0 else "-"
-            ax.plot(centres, m, ls, marker="o", ms=3, label=f"{steps} steps ({len(v)} seeds)")
-            ax.fill_between(centres, m - sd, m + sd, alpha=0.2, lw=0)
-        ax.set_title(net, fontsize=9)
-        ax.set_xlabel("geodesic distance (rad)")
-        ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("mean S_rel (logit) in the bin")
-    fig.tight_layout()
-    return _save(fig, path)
+            v = np.asarray(vals, dtype=float)
+            seeds.add(len(v))
+            m = v.mean(0)
+            sd = v.std(0, ddof=1) if len(v) > 1 else np.zeros_like(m)
+            band(ax, centres, m - sd, m + sd, color(i), kind="fill" if i % 2 == 0 else "hatch")
+            ax.plot(centres, m, "--" if steps == 0 else "-", color=color(i), marker="o", ms=3,
+                    zorder=3)
+        ax.set_title(_activation_words(net))
+        ax.set_xlabel(r"distance $|\theta - \theta′|$ (rad)")
+        _pi_ticks(ax)
+    axes[0].set_ylabel(f"mean {_S_REL} of the logit\nin the distance bin")
+    handles = [Line2D([], [], color=color(i), ls="--" if s == 0 else "-", marker="o", ms=3,
+                      label="at initialisation" if s == 0 else f"after {s:,} SGD steps")
+               for i, s in enumerate(steps_all)]
+    n_seeds = "/".join(str(s) for s in sorted(seeds))
+    handles.append(band(axes[0], [], [], [], "0.5", label=f"$\\pm 1$ sd over {n_seeds} seeds"))
+    legend_outside(fig, handles, where="bottom", ncol=len(handles))
+    fig.suptitle("Locality on the torus curves: relative similarity against the geodesic distance "
+                 r"$|\theta - \theta′|$" "\nof two points of a curve, networks with one hidden layer")
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_clustering_summary(summary, path) -> str:
-    """He & Su's clustering scores, one panel per class pair: mean +- sd over seeds (horizontal
-    bars) for each (network, width, output, method), coloured by network, with the chance level
-    of a class-blind labelling (grey: its mean to its 95% quantile). ``summary``: the
-    ``clustering_summary.csv`` table."""
-    plt = _plt()
+@styled
+def plot_clustering_summary(summary, path, *, formats: Optional[Sequence[str]] = FORMATS) -> str:
+    """He & Su's clustering scores, one panel per class pair: mean +- sd over seeds for each
+    (network, width, output, method), coloured by activation (baselines black), marked by the
+    output (logit: filled circle, probability: open square), beside the chance level of a
+    class-blind labelling (grey: its mean to its 95% quantile). ``summary``: the
+    ``clustering_summary.csv`` table.
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     pairs = list(dict.fromkeys(summary["pair"]))
-    first = summary[summary["pair"] == pairs[0]]
-    keys = [(r.network, str(r.width), r.output, r.method) for r in first.itertuples()]
-    labels = ["baseline: " + m if n == "-" else f"{n}, m={w}, {o[:5]}: {m}" for n, w, o, m in keys]
-    nets = list(dict.fromkeys(k[0] for k in keys))
-    colour = {n: f"C{i}" for i, n in enumerate(nets)}
+    keys = list(dict.fromkeys((str(r.network), str(r.width), str(r.output), str(r.method))
+                              for r in summary.itertuples()))
+    baseline = {k: k[0] == "-" for k in keys}
+    acts = list(dict.fromkeys(k[0].partition(" (")[0] for k in keys if not baseline[k]))
+    colour = {a: color(i) for i, a in enumerate(acts)}
+    parts = {k: _network_parts(k[0], k[1]) for k in keys if not baseline[k]}
+    kinds = set(p[2] for p in parts.values())
+    labels = []
+    for k in keys:
+        method = _CLUSTER_METHOD_WORDS.get(k[3], k[3])
+        if baseline[k]:
+            labels.append(f"baseline: {method}")
+            continue
+        act, size, kind = parts[k]
+        out = _CLUSTER_OUTPUT_WORDS.get(k[2], k[2])
+        labels.append(f"{act}, {size}" + (f" ({kind})" if len(kinds) > 1 else "") + f", {out}: {method}")
     ncol = 2 if len(pairs) > 1 else 1
     nrow = math.ceil(len(pairs) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(7.5 * ncol, 0.22 * len(keys) * nrow + 1.2 * nrow),
-                             squeeze=False, sharey=True)
+    fig = new_figure(FULL_WIDTH, nrow * (0.125 * len(keys) + 0.55) + 0.9)
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True)
+    seeds = set()
     for i, pair in enumerate(pairs):
         ax = axes[i // ncol, i % ncol]
         t = summary[summary["pair"] == pair]
-        lookup = {(r.network, str(r.width), r.output, r.method): r for r in t.itertuples()}
+        lookup = {(str(r.network), str(r.width), str(r.output), str(r.method)): r
+                  for r in t.itertuples()}
+        ax.axvspan(float(t["chance_mean"].iloc[0]), float(t["chance_q95"].iloc[0]), color="0.85",
+                   lw=0, zorder=0)
+        ax.axvline(float(t["chance_mean"].iloc[0]), color="0.45", lw=0.8, zorder=0.5)
         for y, k in enumerate(keys):
             r = lookup.get(k)
             if r is None:
                 continue
-            sd = 0.0 if r.accuracy_sd != r.accuracy_sd else r.accuracy_sd
-            ax.errorbar(r.accuracy_mean, y, xerr=sd, fmt="o", ms=4, capsize=2, color=colour[k[0]])
-        ax.axvspan(float(t["chance_mean"].iloc[0]), float(t["chance_q95"].iloc[0]), color="0.8",
-                   zorder=0, label="chance: mean to 95% quantile")
+            seeds.add(int(r.seeds))
+            sd = 0.0 if r.accuracy_sd != r.accuracy_sd else float(r.accuracy_sd)
+            c = "black" if baseline[k] else colour[k[0].partition(" (")[0]]
+            prob = k[2] == "probabilities"
+            ax.errorbar(float(r.accuracy_mean), y, xerr=sd, fmt="s" if prob else "o", ms=3.5,
+                        color=c, mfc="white" if prob else c, mec=c, elinewidth=0.9, zorder=3)
         ax.set_yticks(range(len(keys)))
-        ax.set_yticklabels(labels, fontsize=7)
-        if i == 0:
-            ax.invert_yaxis()   # first configuration on top (the y axis is shared)
-        ax.set_title(f"{pair}: 0.5 + |acc - 0.5|, mean +- sd over {int(t['seeds'].max())} seeds",
-                     fontsize=9)
-        ax.set_xlabel("clustering score")
-        if i == 0:
-            ax.legend(fontsize=7, loc="best")
+        ax.set_yticklabels(labels, fontsize=6.5)
+        ax.set_ylim(len(keys) - 0.5, -0.5)   # the first configuration on top
+        ax.grid(axis="y", visible=False)
+        ax.set_title(str(pair).replace("-", " against "))
+        ax.set_xlabel(r"score $0.5 + |\mathrm{accuracy} - 0.5|$")
     for j in range(len(pairs), nrow * ncol):
         axes[j // ncol, j % ncol].axis("off")
-    fig.tight_layout()
-    return _save(fig, path)
+    handles = [Line2D([], [], ls="none", marker="o", ms=4, color=colour[a],
+                      label=_activation_words(a)) for a in acts]
+    if any(baseline.values()):
+        handles.append(Line2D([], [], ls="none", marker="o", ms=4, color="black",
+                              label="pixel baseline"))
+    handles += [Line2D([], [], ls="none", marker="o", ms=4, color="0.4", label="of the logit"),
+                Line2D([], [], ls="none", marker="s", ms=4, color="0.4", mfc="white",
+                       label="of the probability"),
+                Patch(facecolor="0.85", edgecolor="0.45", lw=0.8,
+                      label="chance (class-blind split):\nmean to 95% quantile")]
+    legend_outside(fig, handles, where="bottom", ncol=min(len(handles), 4))
+    n_seeds = "/".join(str(s) for s in sorted(seeds))
+    head = "Clustering two classes by the relative similarity of two-layer networks (He & Su)"
+    if len(kinds) == 1:
+        head += f", {next(iter(kinds))}"
+    fig.suptitle(head + f":\nmean $\\pm$ sd over {n_seeds} seeds, $m$ the width; logit and "
+                 "probability: the output whose change defines " + _S_REL)
+    return save_figure(fig, path, formats)[0]
 
 
-_STAT_LABELS = (("frac_same_exceeds", "same-class S above both cross-class", 1.0 / 3.0),
-                ("ratio", "same / cross ratio", 1.0),
-                ("double_log_ratio", "double log-ratio", 0.0))
+def _statistic_axes(fig, rows, titles):
+    """One subfigure per row (its title: ``titles[row]``), three panels each, one per locality
+    statistic; returns the [rows, 3] axes."""
+    subs = np.atleast_1d(fig.subfigures(rows, 1))
+    axes = np.empty((rows, 3), dtype=object)
+    for r in range(rows):
+        axs = subs[r].subplots(1, 3, sharex=True)
+        subs[r].suptitle(titles[r], fontsize=8.5)
+        for c, (_, _, head, ylab, _) in enumerate(_STATISTICS):
+            axs[c].set_title(head, fontsize=7.5)
+            axs[c].set_ylabel(ylab, fontsize=7.5)
+            axs[c].set_xlabel("training epoch", fontsize=7.5)
+            axes[r, c] = axs[c]
+    return axes
 
 
-def plot_tracking_statistics(frames, classes, path, measures=None) -> str:
+@styled
+def plot_tracking_statistics(frames, classes, path, measures=None, *,
+                             formats: Optional[Sequence[str]] = FORMATS) -> str:
     """Locality statistics of tracking runs (``lesde.elasticity.tracking_statistics``) against
     epochs: one row per measure, columns = the fraction of update classes whose same-class
     S_rel exceeds both cross-class values, the same/cross ratio, the double log-ratio; mean
-    over runs with a min-max band, and the chance level (1/K, 1, 0) as a dashed line."""
+    over runs with a min-max band, and the chance level (1/K, 1, 0) as a dashed line.
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    from matplotlib.lines import Line2D
+
     from .elasticity import TRACK_MEASURES, tracking_statistics
 
-    plt = _plt()
     measures = [m for m in (measures or TRACK_MEASURES) if f"{m}_0_0" in frames[0].columns]
     k = len(classes)
-    fig, axes = plt.subplots(len(measures), 3, figsize=(12, 2.6 * len(measures)), squeeze=False)
+    fig = new_figure(FULL_WIDTH, 1.9 * len(measures) + 0.6)
+    axes = _statistic_axes(fig, len(measures), [_measure_words(m, formula=True) for m in measures])
     for row, m in enumerate(measures):
         stats = [tracking_statistics(f, m) for f in frames]
         n = min(len(s) for s in stats)
         ep = stats[0]["epoch"].to_numpy()[:n]
-        for col, (key, label, chance) in enumerate(_STAT_LABELS):
+        for col, (key, _, _, _, chance) in enumerate(_STATISTICS):
             ax = axes[row, col]
             v = np.stack([s[key].to_numpy()[:n] for s in stats])
-            ax.plot(ep, v.mean(0), lw=1.5, label=f"mean of {len(frames)} runs")
             if len(frames) > 1:
-                ax.fill_between(ep, v.min(0), v.max(0), alpha=0.25, lw=0, label="min-max over runs")
-            ax.axhline(1.0 / k if key == "frac_same_exceeds" else chance, ls="--", color="k", lw=1,
-                       label="chance")
-            ax.set_title(f"{m}: {label}", fontsize=9)
-            ax.set_xlabel("epoch")
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+                band(ax, ep, v.min(0), v.max(0), color(0))
+            ax.plot(ep, v.mean(0), color=color(0), lw=1.5, marker="o", ms=2.5, zorder=3)
+            ax.axhline(1.0 / k if chance is None else chance, ls="--", color="black", lw=0.9,
+                       zorder=2)
+    handles = [Line2D([], [], color=color(0), lw=1.5, marker="o", ms=2.5,
+                      label=f"mean of {len(frames)} run{'s' if len(frames) > 1 else ''}")]
+    if len(frames) > 1:
+        handles.append(band(axes[0, 0], [], [], [], color(0), label="lowest to highest run"))
+    handles.append(Line2D([], [], color="black", ls="--", lw=0.9,
+                          label=f"chance (no locality): 1/{k}, 1, 0"))
+    legend_outside(fig, handles, where="bottom", ncol=len(handles))
+    fig.suptitle("Locality of one update step during training, classes " + ", ".join(map(str, classes)))
+    return save_figure(fig, path, formats)[0]
 
 
-def plot_dan_comparison(table, path) -> str:
+@styled
+def plot_dan_comparison(table, path, *, formats: Optional[Sequence[str]] = FORMATS) -> str:
     """This package's tracking runs against Dan et al.'s released curves, record by record
     (a table from ``lesde elasticity compare``): rows = (our measure, their definition),
-    columns = fraction / ratio / double log-ratio; mean over runs with +-1 sd bands, chance
-    dashed."""
-    plt = _plt()
+    columns = fraction / ratio / double log-ratio; mean over runs with +-1 sd bands (ours
+    filled, theirs hatched), chance dashed (1/3, 1, 0: the released curves have three classes).
+    Where fewer of our runs reach a record (column ``runs_ours``) a dotted vertical line marks it.
+
+    ``formats``: the formats written (same stem as ``path``); returns ``path``."""
+    from matplotlib.lines import Line2D
+
     keys = list(dict.fromkeys(zip(table["ours"], table["reference"])))
-    fig, axes = plt.subplots(len(keys), 3, figsize=(12, 2.7 * len(keys)), squeeze=False)
+    titles = []
+    for ours, ref in keys:
+        head = _measure_words(ours, formula=True)
+        if str(ref) in _REFERENCE_WORDS:
+            head += f"; against {_REFERENCE_WORDS[str(ref)]}"
+        titles.append(head)
+    fig = new_figure(FULL_WIDTH, 1.9 * len(keys) + 0.7)
+    axes = _statistic_axes(fig, len(keys), titles)
+    handles = {}
     for row, (ours, ref) in enumerate(keys):
         t = table[(table["ours"] == ours) & (table["reference"] == ref)]
-        ep = t["epoch"].to_numpy()
-        for col, (name, (key, label, chance)) in enumerate(zip(("frac", "ratio", "dlr"), _STAT_LABELS)):
+        ep = t["epoch"].to_numpy(dtype=float)
+        drops = []
+        if "runs_ours" in t:
+            runs = t["runs_ours"].to_numpy()
+            drops = [(0.5 * (ep[i] + ep[i + 1]), runs[i + 1]) for i in range(len(runs) - 1)
+                     if runs[i + 1] != runs[i]]
+        for col, (_, name, _, _, chance) in enumerate(_STATISTICS):
             ax = axes[row, col]
-            for who, colour, tag in (("ours", "C0", f"this package ({ours})"),
-                                     ("ref", "C3", f"released curves ({ref})")):
-                if f"{name}_{who}" not in t or t[f"{name}_{who}"].isna().all():
+            for i, (who, kind, label) in enumerate((
+                    ("ours", "fill", "this package: mean $\\pm$ 1 sd over its runs"),
+                    ("ref", "hatch", "Dan et al.'s released curves: mean $\\pm$ 1 sd"))):
+                col_name = f"{name}_{who}"
+                if col_name not in t or t[col_name].isna().all():
                     continue
-                m, sd = t[f"{name}_{who}"].to_numpy(), t[f"{name}_{who}_sd"].to_numpy()
-                ax.plot(ep, m, color=colour, lw=1.4, label=tag)
-                ax.fill_between(ep, m - sd, m + sd, color=colour, alpha=0.2, lw=0)
-            ax.axhline(chance, ls="--", color="k", lw=1, label="chance")
+                m = t[col_name].to_numpy(dtype=float)
+                sd = t[f"{col_name}_sd"].to_numpy(dtype=float) if f"{col_name}_sd" in t \
+                    else np.zeros_like(m)
+                band(ax, ep, m - sd, m + sd, color(i), kind=kind)
+                ax.plot(ep, m, color=color(i), lw=1.3, zorder=3)
+                handles.setdefault(who, Line2D([], [], color=color(i), lw=1.3, label=label))
+            ax.axhline(1.0 / 3.0 if chance is None else chance, ls="--", color="black", lw=0.9,
+                       zorder=2)
+            for x, _ in drops:
+                ax.axvline(x, color="0.45", ls=":", lw=0.9, zorder=1)
             if name == "ratio":
                 vals = t[[c for c in ("ratio_ours", "ratio_ref") if c in t]].to_numpy(dtype=float)
-                if np.nanmax(vals) / max(np.nanmin(vals), 1e-300) > 20:
+                vals = vals[np.isfinite(vals)]
+                if vals.size and vals.min() > 0 and vals.max() / vals.min() > 20:
                     ax.set_yscale("log")
-            ax.set_title(label, fontsize=9)
-            ax.set_xlabel("epoch")
-            if col == 0:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+        if drops:
+            handles.setdefault("drops", Line2D(
+                [], [], color="0.45", ls=":", lw=0.9,
+                label="from here on only " + ", then ".join(f"{n}" for _, n in drops)
+                + " of our runs\n(the others did not reach these records)"))
+    handles["chance"] = Line2D([], [], color="black", ls="--", lw=0.9,
+                               label="chance (no locality): 1/3, 1, 0")
+    legend_outside(fig, list(handles.values()), where="bottom", ncol=2)
+    fig.suptitle("Locality during training: this package against Dan et al.'s released curves, "
+                 "record by record")
+    return save_figure(fig, path, formats)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,8 +158,8 @@ def test_help_shows_defaults_and_every_option_of_every_command_has_help(capsys):
         main(["elasticity", "torus", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0 2000)" in text and "--out OUT" in text and "(default: elasticity_out)" in text
-    # every parser of the tree: each option has help, and a real default is shown in it
-    missing, unshown, count = [], [], 0
+    # every parser of the tree: each option has help, and a real default is shown in it, once
+    missing, unshown, twice, count = [], [], [], 0
     for parser in _walk(build_parser()):
         formatter = parser._get_formatter()
         for action in parser._actions:
@@ -174,9 +174,43 @@ def test_help_shows_defaults_and_every_option_of_every_command_has_help(capsys):
             text = " ".join(formatter._expand_help(action).split())
             if shown is not None and shown.replace("%%", "%") not in text:
                 unshown.append(f"{name}: {text!r} (default {shown})")
+            if _default_shown_twice(text, shown):
+                twice.append(f"{name}: {text!r}")
     assert count > 150  # the whole tree was walked
     assert not missing, "options without help:\n" + "\n".join(missing)
     assert not unshown, "defaults not shown:\n" + "\n".join(unshown)
+    assert not twice, "defaults shown twice:\n" + "\n".join(twice)
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _default_shown_twice(text: str, shown) -> bool:
+    """Whether a help line states its default twice: the word "default" more than once, or the
+    default also as a bare value in parentheses ("resamples (200) (default: 200)", also where the
+    two spell the number differently: "(1000)" beside "default: 1000.0")."""
+    import re
+
+    if len(re.findall(r"\bdefault", text, re.IGNORECASE)) > 1:
+        return True
+    if shown is None:
+        return False
+    shown = shown.replace("%%", "%")
+    for value in re.findall(r"(?<![\w)])\(\s*([^()]*?)\s*\)", text):
+        if value == shown:
+            return True
+        if re.fullmatch(_NUMBER, value) and re.fullmatch(_NUMBER, shown) and float(value) == float(shown):
+            return True
+    return False
+
+
+def test_the_duplicate_default_check_catches_both_spellings():
+    assert _default_shown_twice("bootstrap resamples (200) (default: 200)", "200")
+    assert _default_shown_twice("the last iterations (1000) (default: 1000.0)", "1000.0")
+    assert _default_shown_twice("table column (default p_sep) (default: p_sep)", "p_sep")
+    assert not _default_shown_twice("bootstrap resamples (default: 200)", "200")
+    assert not _default_shown_twice("seed of the noise (X(0) uses seed + 1) (default: 0)", "0")
+    assert not _default_shown_twice("fraction (0, 1] of the range (default: 0.5)", "0.5")
 
 
 def _walk(parser):
