@@ -254,3 +254,65 @@ def test_bad_shooting_input():
         ShootingEstimator("cross_entropy").fit(Trajectory(tr.ts, tr.features[..., :2],
                                                           tr.labels, num_classes=3))
     assert repr(ShootingEstimator(time="constant")) == "ShootingEstimator(time='constant')"
+
+
+# ============================================================================================
+# stiff drifts: the field's derivative, ROS2, the stiffness bound
+# ============================================================================================
+def test_closed_form_field_derivative_equals_forward_mode():
+    """The cross-entropy's closed-form ``d Gbar_k / d delta_k`` (used for ROS2 and the step
+    size) against torch forward-mode derivatives of the same class means (the generic path)."""
+    import torch
+
+    from lesde.fit._fields import ClassMeanField
+
+    tr, _ = exact_log("cross_entropy", "constant", n=4)
+    cmf = ClassMeanField("cross_entropy", tr.labels, K, K)
+    X = torch.as_tensor(tr.features[0, :3])
+    pre = cmf.prepare(X)
+    delta = torch.as_tensor(np.random.default_rng(1).standard_normal((3, K, K)))
+    closed = cmf.jacobian(pre, delta)
+    from torch.func import jacfwd
+
+    full = jacfwd(lambda d: cmf.gbar(pre, d))(delta)                 # (B, K, p, B, K, p)
+    for b in range(3):
+        for k in range(K):
+            np.testing.assert_allclose(closed[b, k].numpy(), full[b, k, :, b, k].numpy(),
+                                       atol=1e-12)
+            other = [c for c in range(K) if c != k]   # no dependence on other classes' shifts
+            assert float(full[b, k, :, b, other].abs().max()) == 0.0
+
+
+def test_ros2_converges_at_second_order_to_rk4():
+    """ROS2 (the stiff integrator) against RK4 with 1,024 steps: the error falls by about 4 per
+    halving of the step (second order), on a coarse cross-entropy log with a stiff E."""
+    import torch
+
+    from lesde.fit.shooting import _Problem
+
+    tr, _ = exact_log("cross_entropy", "constant")
+    form = ImpactForm(K, "intra_inter", "constant")
+    prob = _Problem(tr.features[None], tr.ts, tr.labels, K, tr.class_weights, "cross_entropy",
+                    form)
+    th = torch.tensor([[40.0, 30.0]], dtype=torch.float64)
+    ref = prob.predict(th, 1024)
+    errs = [float((prob.predict(th, ("ros2", S)) - ref).abs().max()) for S in (16, 32, 64, 128)]
+    ratios = np.array(errs[:-1]) / np.array(errs[1:])
+    assert np.all((ratios > 3.0) & (ratios < 5.5)), (errs, ratios)
+    assert errs[-1] < 1e-3 * float(ref.abs().max()), errs
+
+
+def test_stiffness_bound_warns_and_holds():
+    """With a bound far below the true flow's stiffness the fit presses against it: it warns,
+    marks E as not identified, and the fitted stiffness sits at the bound (the barrier lets it
+    exceed by a few percent at most); with the default bound the exact fit is unaffected."""
+    tr, imp = exact_log("identity", "constant")
+    est = ShootingEstimator("identity", time="constant", noise="none",
+                            bootstrap="none").fit(tr)
+    assert not est.stiff_bound_active_ and est.stiffness_ < 32.0
+    cap = 0.3 * est.stiffness_
+    with pytest.warns(UserWarning, match="stiffness bound"):
+        low = ShootingEstimator("identity", time="constant", noise="none", bootstrap="none",
+                                max_stiffness=cap).fit(tr)
+    assert low.stiff_bound_active_ and not low.identified_
+    assert cap * 0.99 < low.stiffness_ < cap * 1.05, (low.stiffness_, cap)

@@ -131,3 +131,30 @@ class ClassMeanField:
             return torch.matmul(self.onehot_K - torch.matmul(self.avg, _softmax(z)), self.W)
         g = self.field(pre["x"] + delta[:, self.labels], self.labels, 0.0, num_classes=self.K)
         return torch.matmul(self.avg, g)
+
+    def jacobian(self, pre: dict, delta: torch.Tensor) -> torch.Tensor:
+        """``d Gbar_k / d delta_k`` (B, K, p, p) at displacement delta (B, K, p), without a
+        graph (each class's mean of G depends only on its own displacement). Closed forms for
+        the linear fields and the cross-entropy on logits (``-mean_j (diag(s_j) - s_j
+        s_j^T)``); p forward-mode derivatives otherwise."""
+        B, K, p = delta.shape
+        dt = delta.dtype
+        with torch.no_grad():
+            if self.kind == "identity":
+                return torch.eye(p, dtype=dt).expand(B, K, p, p)
+            if self.kind == "label_projection":
+                return self.P.to(dt).expand(B, K, p, p)
+            if self.kind == "cross_entropy" and "ex" in pre:
+                s = _ClassSoftmaxMean.apply(pre["ex"], delta.detach())[1]        # (B, K, n, p)
+                outer = torch.einsum("bkna,bknc->bkac", s, s) / s.shape[2]
+                return outer - torch.diag_embed(s.mean(2))
+            from torch.func import jvp
+
+            at = delta.detach()
+            cols = []
+            for a in range(p):
+                v = torch.zeros_like(at)
+                v[..., a] = 1.0
+                cols.append(jvp(lambda d: self.gbar(pre, d), (at,), (v,))[1])
+            return torch.stack(cols, -1)
+

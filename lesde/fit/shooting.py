@@ -11,7 +11,13 @@ over the tracked samples moved by it (for a tracked subset, the tracked samples'
 G stand in for the whole training set's). All intervals start from logged states, so they are
 integrated at once as one batch (multiple shooting), by a fixed-step classical Runge-Kutta (RK4)
 scheme whose number of sub-steps is doubled until doubling changes the prediction by less than
-``rtol_integration`` of the logged increments. Gradients come from torch autograd through the
+``rtol_integration`` of the logged increments. The step is kept below the inverse of the drift's
+fastest rate in its interval (``|E(t) diag(w)|_2`` times the field's derivative at the logged
+states, which for the cross-entropy falls far below its bound 1/2 once the logits saturate).
+Where that would need more than ``RK4_MAX_STEPS`` steps the drift is stiff (fitted to real
+logs, a weakly identified shift of E's rows can be large: a fast restoring force on the average
+prediction), and the linearly implicit, L-stable ROS2 scheme integrates it instead, with as many
+steps as the same doubling test asks. Gradients come from torch autograd through the
 integrator; the optimiser is L-BFGS (strong Wolfe line search); nothing differentiates the log.
 
 The objective is a Gaussian quasi-likelihood: the residual ``r_i`` of the class-mean increments
@@ -97,8 +103,11 @@ class _Problem:
     def set_whitening(self, L: np.ndarray) -> None:
         self.whiten = torch.as_tensor(L, dtype=self.dtype)
 
-    def predict(self, theta: torch.Tensor, S: int) -> torch.Tensor:
-        """Predicted class-mean increments (Bp, M, K, p) by S RK4 steps per interval."""
+    def predict(self, theta: torch.Tensor, S) -> torch.Tensor:
+        """Predicted class-mean increments (Bp, M, K, p) by S steps per interval: S an int
+        (classical RK4) or ``("ros2", n)`` (n steps of the linearly implicit, L-stable
+        second-order Rosenbrock scheme ROS2, for stiff drifts)."""
+        method, S = ("rk4", int(S)) if not isinstance(S, tuple) else (S[0], int(S[1]))
         Bp, M, K, p = self.Bp, self.M, self.K, self.p
         h = self.dt / S
         # E at the 2S + 1 stage times of every interval: (Bp, M, 2S + 1, K, K)
@@ -115,6 +124,8 @@ class _Problem:
             return torch.matmul(E[:, j], g)
 
         delta = torch.zeros(Bp * M, K, p, dtype=self.dtype)
+        if method == "ros2":
+            return self._ros2(E, f, delta, hh, S).reshape(Bp, M, K, p)
         for s in range(S):
             k1 = f(delta, 2 * s)
             k2 = f(delta + 0.5 * hh * k1, 2 * s + 1)
@@ -122,6 +133,29 @@ class _Problem:
             k4 = f(delta + hh * k3, 2 * s + 2)
             delta = delta + hh / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
         return delta.reshape(Bp, M, K, p)
+
+    def _ros2(self, E, f, delta, hh, S):
+        """ROS2 (Verwer, Spee, Blom and Hundsdorfer 1999, SIAM J. Sci. Comput. 20):
+        ``W k1 = f(t_n, y_n)``, ``W k2 = f(t_n + h, y_n + h k1) - 2 k1``,
+        ``y_{n+1} = y_n + h (3 k1 + k2) / 2`` with ``W = I - gamma h J``, gamma = 1 + 1/sqrt 2.
+        It is second order for any matrix J (a W-method): J is the drift's Jacobian at the step's
+        start, ``J[c, k] = E(t_n)[c, k] w_k dGbar_k/ddelta_k``, with the field's derivative
+        taken as a constant of theta (the gradient then differs from the scheme's by a term of
+        the scheme's own order, h^2)."""
+        B, K, p = delta.shape
+        n = K * p
+        gamma = 1.0 + 1.0 / math.sqrt(2.0)
+        eye = torch.eye(n, dtype=self.dtype)
+        for s in range(S):
+            jg = self.cmf.jacobian(self.pre, delta)
+            J = torch.einsum("bck,k,bkxy->bcxky", E[:, 2 * s], self.w, jg).reshape(B, n, n)
+            LU = torch.linalg.lu_factor(eye - gamma * hh * J)
+            k1 = f(delta, 2 * s)
+            k1 = torch.linalg.lu_solve(*LU, k1.reshape(B, n, 1)).reshape(B, K, p)
+            k2 = f(delta + hh * k1, 2 * s + 2) - 2.0 * k1
+            k2 = torch.linalg.lu_solve(*LU, k2.reshape(B, n, 1)).reshape(B, K, p)
+            delta = delta + hh * (1.5 * k1 + 0.5 * k2)
+        return delta
 
     def residual(self, theta: torch.Tensor, S: int) -> torch.Tensor:
         """Whitened residuals (Bp, M, K p)."""
@@ -328,6 +362,12 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         predicted increments by less than this times the largest logged class-mean increment,
         or (with a fitted noise) by less than 0.01 of the residuals' noise standard deviation.
     max_iter : L-BFGS iterations per stage.
+    max_stiffness : bound on the fitted flow's stiffness, ``rate_i dt_i <= max_stiffness`` in
+        every logged interval (rate_i: ``|E(t) diag(w)|_2`` times the field's derivative at
+        the logged states), held by a quadratic barrier (default 32; None: no bound). A flow
+        that stiff relaxes completely within an interval, so the log cannot tell it from a
+        stiffer one; when the fit presses against the bound it warns and marks E as not
+        identified. On synthetic logs of the model the bound is far from active.
 
     Attributes after fit
     --------------------
@@ -338,14 +378,15 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
     additive noise per interval, lr_ (the SGD noise's learning rate; 0 when not fitted),
     noise_ (the noise model used), bands_ (dict name -> (2, ...) lower/upper: "alpha", "beta",
     "A", "B", "E", "theta"), se_ (the same names: standard errors), band_method_,
-    n_substeps_, integration_error_, condition_ (condition number of the Gauss-Newton Hessian
+    steps_ (the integration: RK4 steps per interval, or ("ros2", steps)), n_substeps_,
+    integrator_ ("rk4" or "ros2"), integration_error_, condition_ (condition number of the Gauss-Newton Hessian
     with unit-diagonal scaling), identified_ (False when it exceeds ``CONDITION_WARN``),
     loss_ (the weighted residual sum of squares), n_residuals_, aic_, bic_, n_evals_.
     """
 
     _params = ("field", "matrix", "time", "knots", "t0", "noise", "bootstrap", "n_bootstrap",
                "interval", "level", "seed", "n_jobs", "client", "substeps",
-               "rtol_integration", "max_iter")
+               "rtol_integration", "max_iter", "max_stiffness")
 
     #: condition number of the scaled Gauss-Newton Hessian above which E is reported as not
     #: identified (with a warning; its bands are then wide)
@@ -360,7 +401,8 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
                  noise: str = "both", bootstrap: str = "auto", n_bootstrap: int = 200,
                  interval: str = "basic", level: float = 0.95, seed: int = 0,
                  n_jobs: int = 1, client=None, substeps: int = 2,
-                 rtol_integration: float = 1e-6, max_iter: int = 300):
+                 rtol_integration: float = 1e-6, max_iter: int = 300,
+                 max_stiffness: Optional[float] = 32.0):
         self.field = field
         self.matrix = matrix
         self.time = time
@@ -377,6 +419,7 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         self.substeps = substeps
         self.rtol_integration = rtol_integration
         self.max_iter = max_iter
+        self.max_stiffness = max_stiffness
 
     # ----------------------------------------------------------------------------------------
     def _check(self):
@@ -435,7 +478,8 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         form = self._make_form(traj)
         core = _fit_core(traj, self.field, form, self.noise, int(self.substeps),
                          float(self.rtol_integration), int(self.max_iter),
-                         exact_jacobian=band == "sandwich")
+                         exact_jacobian=band == "sandwich",
+                         max_stiffness=self.max_stiffness)
         for k, v in core.items():
             setattr(self, k, v)
         self.ts_ = traj.ts
@@ -459,6 +503,17 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
                 f"(< {self.SHIFT_MIN}). Their bands are made wide; differences within a row "
                 f"(alpha - beta, reported as gap_) are identified. Logs from several initial "
                 f"states with unequal logit biases identify them.", UserWarning, stacklevel=2)
+        elif self.stiff_bound_active_:
+            self.identified_ = False
+            warnings.warn(
+                f"ShootingEstimator: the fit presses against the stiffness bound (rate x "
+                f"interval = {self.stiffness_:.1f} = max_stiffness): the log asks for a flow "
+                f"that relaxes faster than its logging interval resolves, so the size of E in "
+                f"the fastest direction (for the cross-entropy usually alpha + (K-1) beta, a "
+                f"common restoring force on the average prediction) is a lower bound, not "
+                f"identified. Differences such as alpha - beta (gap_) are less affected; log "
+                f"more often, or raise max_stiffness to see how the fit moves.",
+                UserWarning, stacklevel=2)
         elif not self.identified_:
             warnings.warn(
                 f"ShootingEstimator: E is not identified from this log (condition number "
@@ -536,7 +591,7 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
              "n_residuals": int(self.n_residuals_), "aic": float(self.aic_),
              "bic": float(self.bic_), "condition": float(self.condition_),
              "identified": bool(self.identified_), "band_method": self.band_method_,
-             "n_substeps": int(self.n_substeps_),
+             "n_substeps": int(self.n_substeps_), "integrator": self.integrator_,
              "theta": dict(zip(self.form_.param_names, map(float, self.theta_))),
              "theta_se": dict(zip(self.form_.param_names, map(float, self.theta_se_)))}
         if "theta" in self.bands_:
@@ -581,16 +636,27 @@ def quantities_jacobian(form: ImpactForm, theta: np.ndarray, ts: np.ndarray) -> 
 
 def refit_batch(xb: np.ndarray, ts, labels, weights, field, form: ImpactForm,
                 whitening: np.ndarray, substeps: int, theta0: np.ndarray,
-                max_iter: int, hessian: Optional[np.ndarray] = None) -> np.ndarray:
+                max_iter: int, hessian: Optional[np.ndarray] = None,
+                gain: Optional[np.ndarray] = None,
+                max_stiffness: Optional[float] = None) -> np.ndarray:
     """Refit a batch of replicate logs xb (n, R, T, N, p) with fixed weights, from theta0, as
-    one optimisation (the replicates' parameters are separate; their objectives add)."""
+    one optimisation (the replicates' parameters are separate; their objectives add), with the
+    fit's stiffness bound (``gain`` per interval and ``max_stiffness``) when given."""
     n = xb.shape[0]
     prob = _Problem(xb, ts, labels, form.K, weights, field, form)
     prob.set_whitening(whitening)
-    S = int(substeps)
+    S = substeps if isinstance(substeps, tuple) else int(substeps)
+    bound = None
+    if max_stiffness is not None and gain is not None:
+        with torch.no_grad():
+            th0 = torch.as_tensor(np.broadcast_to(theta0, (n, theta0.shape[0])).copy())
+            L0 = float((prob.residual(th0, S) ** 2).sum()) / n
+        bound = _StiffnessBound(form, ts, weights, gain, float(max_stiffness),
+                                1e3 * max(L0, prob.M * form.K * prob.p))
 
     def loss_fn(th):
-        return 0.5 * (prob.residual(th, S) ** 2).sum()
+        loss = 0.5 * (prob.residual(th, S) ** 2).sum()
+        return loss if bound is None else loss + bound.penalty(th)
 
     start = torch.as_tensor(np.broadcast_to(theta0, (n, theta0.shape[0])).copy())
     C = None if hessian is None else _preconditioner(hessian)
@@ -635,7 +701,8 @@ def _quasi_nll(res: np.ndarray, S: np.ndarray, floor: float = 1e-8) -> float:
 
 
 def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: int,
-              rtol_int: float, max_iter: int, exact_jacobian: bool = True) -> dict:
+              rtol_int: float, max_iter: int, exact_jacobian: bool = True,
+              max_stiffness: Optional[float] = None) -> dict:
     """Stages 1-3 of the fit and the sandwich covariance; returns the fitted attributes."""
     K, p, R, T = traj.K, traj.p, traj.R, traj.T
     prob = _Problem(traj.features[None], traj.ts, traj.labels, K, traj.class_weights, field,
@@ -662,23 +729,40 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
     prob.set_whitening(L1)
     theta0, H0 = _surrogate_start(prob, form, gbar)
     # stage 1, with enough sub-steps that RK4 is stable and accurate at the starting impacts
-    # (step x the drift's fastest rate <= 1; doubling below refines it)
-    S = max(int(substeps), min(16, int(math.ceil(
-        _rate(form, theta0, traj.ts, traj.class_weights, prob.cmf) * float(dt.max())))))
+    # (step x the drift's fastest rate in its interval <= 1; doubling below refines it)
+    gain = field_gain(prob.cmf, traj.features, traj.labels, K)
+    dts = np.diff(traj.ts)[None, :]
+
+    def need(th) -> float:
+        return float(np.max(_interval_rates(form, th, traj.ts, traj.class_weights, gain) * dts))
+
+    base = int(substeps)
     tol = 1e-12
 
-    rate_dt = float(dt.max())
+    def steps_for(th):
+        """Integration for parameters th: ``base`` RK4 steps, raised so that RK4 stays stable
+        and accurate (step x the drift's fastest rate <= 1) wherever the optimiser goes; where
+        that needs more than RK4_MAX_STEPS, the drift is stiff and the L-stable ROS2 takes over
+        with ``max(base, 8)`` steps (the refinement below doubles them until converged)."""
+        n = int(math.ceil(need(th.detach().numpy()) / RK4_STEP_RATE))
+        if n <= RK4_MAX_STEPS:
+            return max(base, n)
+        return ("ros2", max(base, 8))
 
-    def steps_for(th) -> int:
-        """Sub-steps for parameters th: the current S, raised so that RK4 stays stable and
-        accurate (step x the drift's fastest rate <= 1) wherever the optimiser goes."""
-        need = _rate(form, th.detach().numpy(), traj.ts, traj.class_weights, prob.cmf) * rate_dt
-        return max(S, min(256, int(math.ceil(need))))
+    gain_iv = np.maximum(gain[:, :-1], gain[:, 1:]).max(axis=0)               # (T - 1,)
+    bound = None
+    if max_stiffness is not None:
+        with torch.no_grad():
+            L0 = float((prob.residual(torch.as_tensor(theta0)[None], steps_for(
+                torch.as_tensor(theta0))) ** 2).sum())
+        bound = _StiffnessBound(form, traj.ts, traj.class_weights, gain_iv,
+                                float(max_stiffness), 1e3 * max(L0, M * K * p))
 
     def loss_fn(th):
-        return 0.5 * (prob.residual(th[None], steps_for(th)) ** 2).sum()
+        loss = 0.5 * (prob.residual(th[None], steps_for(th)) ** 2).sum()
+        return loss if bound is None else loss + bound.penalty(th)
 
-    chg1 = 1e-6 if (sig2 is not None and np.any(sig2 > 0)) else None
+    chg1 = CHANGE_TOL if (sig2 is not None and np.any(sig2 > 0)) else None
     theta, n1, _ = _lbfgs(loss_fn, torch.as_tensor(theta0), max_iter, tol, _preconditioner(H0),
                           chg1)
     # stage 2: noise from the stage-1 residuals
@@ -688,7 +772,8 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
         Et = form.E_numpy(theta.numpy(), traj.ts[:-1])                   # (T - 1, K, K)
         Q = sgd_covariance(G[:, :-1].reshape(M, traj.N, p), traj.labels, K, traj.class_weights, np.tile(Et, (R, 1, 1)))
         with torch.no_grad():
-            res = (prob.target - prob.predict(theta[None], S))[0].reshape(M, -1).numpy()
+            res = (prob.target - prob.predict(theta[None], steps_for(theta)))[0]
+            res = res.reshape(M, -1).numpy()
         Dg = (np.repeat(1.0 / n_c, p)[None, :] * np.tile(sig2, R)[:, None]
               if (sig2 is not None and noise == "both") else np.zeros((M, K * p)))
         lr = _fit_lr(res, dt, Dg, Q)
@@ -715,19 +800,36 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
 
     # stage 3: L-BFGS preconditioned by the Gauss-Newton Hessian, refreshed at the current
     # point while the fit still moves (on stiff, misspecified logs the curvature changes along
-    # the way), with RK4 kept stable (step x rate <= 1) and the integration refined until
-    # doubling the sub-steps changes the prediction by less than rtol_int of the largest logged
-    # increment, or (with a fitted noise) by less than a hundredth of the residuals' noise
-    # level, or the fitted parameters by less than a hundredth of their standard errors
+    # the way). Before each optimisation the integration is refined at the current parameters
+    # (cheap: predictions only) until doubling the steps changes the prediction by less than
+    # rtol_int of the largest logged increment, or (with a fitted noise) by less than a
+    # hundredth of the residuals' noise level; after it, the test is repeated at the new
+    # parameters, and the fit stops when it passes or when the parameters moved by less than a
+    # hundredth of their standard errors
     n_evals = n1
     scale = float(prob.target.abs().max()) + 1e-300
     Lw = torch.as_tensor(L2)
     previous = None
-    change = None if kind == "none" else 1e-6
-    for _ in range(8):
+    change = None if kind == "none" else CHANGE_TOL
+
+    def integration_error(th):
+        st = steps_for(th)
+        with torch.no_grad():
+            diff = (prob.predict(th[None], st) - prob.predict(th[None], _doubled(st)))[0]
+        err = float(diff.abs().max()) / scale
+        err_w = float(torch.einsum("mij,mj->mi", Lw, diff.reshape(M, -1)).abs().max())
+        return st, err, err <= rtol_int or (kind != "none" and err_w <= 0.01)
+
+    for _ in range(6):
+        for _double in range(8):
+            st, err, ok = integration_error(theta)
+            n_evals += 2
+            if ok:
+                break
+            base = 2 * _n_steps(st)
         for _refresh in range(6):
-            S = steps_for(theta)
-            H1 = hessian_at(theta, S)
+            st = steps_for(theta)
+            H1 = hessian_at(theta, st)
             n_evals += P
             theta, n3, _ = _lbfgs(loss_fn, theta, 60, tol, _preconditioner(H1), change)
             n_evals += n3
@@ -735,17 +837,14 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
                 break
         se1 = np.sqrt(np.maximum(np.diag(np.linalg.pinv(H1, rcond=1e-13, hermitian=True)),
                                  0.0))
-        with torch.no_grad():
-            diff = (prob.predict(theta[None], S) - prob.predict(theta[None], 2 * S))[0]
-        err = float(diff.abs().max()) / scale
-        err_w = float(torch.einsum("mij,mj->mi", Lw, diff.reshape(M, -1)).abs().max())
-        if err <= rtol_int or (kind != "none" and err_w <= 0.01):
+        st, err, ok = integration_error(theta)
+        n_evals += 2
+        if ok:
             break
         if (previous is not None and kind != "none"
                 and np.all(np.abs(theta.numpy() - previous) <= 0.01 * se1)):
             break
         previous = theta.numpy().copy()
-        S *= 2
     S = steps_for(theta)
     with torch.no_grad():
         rho = prob.residual(theta[None], S)[0]                            # (M, K p)
@@ -777,7 +876,8 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
     nll = _quasi_nll(raw, S2)
     k_par = P + (1 if kind in ("sgd", "both") else 0) + (T - 1 if kind in ("additive", "both")
                                                           else 0)
-    rate = _rate(form, theta.numpy(), traj.ts, traj.class_weights, prob.cmf)
+    rate = float(np.max(_interval_rates(form, theta.numpy(), traj.ts, traj.class_weights,
+                                        gain)))
     return {"theta_": theta.numpy(), "theta_cov_": cov, "drift_rate_": rate,
             "theta_se_": np.sqrt(np.maximum(np.diag(cov), 0.0)),
             "hessian_": H, "sigma_": np.sqrt(np.maximum(sig2 if sig2 is not None else
@@ -786,10 +886,35 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
             "sigma_dof_": dof, "lr_": float(lr) if kind in ("sgd", "both") else 0.0,
             "noise_kind_": kind, "loss_": loss, "n_residuals_": n_obs,
             "nll_": nll, "aic_": 2 * nll + 2 * k_par, "bic_": 2 * nll + k_par * math.log(n_obs),
-            "n_substeps_": S, "integration_error_": err, "condition_": cond,
+            "steps_": S, "n_substeps_": _n_steps(S), "gain_": gain_iv,
+            "stiffness_": (np.nan if bound is None else
+                           float(bound.ratio(theta).max()) * float(max_stiffness)),
+            "stiff_bound_active_": bool(bound is not None
+                                        and float(bound.ratio(theta).max()) > 0.99),
+            "integrator_": "ros2" if isinstance(S, tuple) else "rk4", "integration_error_": err, "condition_": cond,
             "identified_": bool(cond <= ShootingEstimator.CONDITION_WARN),
             "shift_signal_": shift_signal,
             "n_evals_": n_evals, "whitening_": L2}
+
+
+#: with a fitted noise the loss is a negative quasi-log-likelihood; L-BFGS stops when an
+#: iteration lowers it by less than this (differences below 1 are not statistically
+#: meaningful; on a weakly identified ridge, waiting for 1e-6 took hundreds of iterations)
+CHANGE_TOL = 1e-3
+
+#: most RK4 steps per logged interval; a drift that needs more is integrated by ROS2
+RK4_MAX_STEPS = 32
+#: RK4 step times the drift's fastest rate: at most this (RK4 is stable to 2.78 on the negative
+#: real axis and 2.83 on the imaginary one; accuracy is checked by doubling the steps)
+RK4_STEP_RATE = 2.0
+
+
+def _n_steps(steps) -> int:
+    return int(steps[1]) if isinstance(steps, tuple) else int(steps)
+
+
+def _doubled(steps):
+    return (steps[0], 2 * int(steps[1])) if isinstance(steps, tuple) else 2 * int(steps)
 
 
 def _shift_signal(gbar: np.ndarray, w: np.ndarray) -> float:
@@ -831,17 +956,80 @@ def row_shift_directions(form: ImpactForm) -> np.ndarray:
     return np.stack(out)
 
 
-def _rate(form: ImpactForm, theta, ts, weights, cmf) -> float:
-    """The drift's fastest rate of change: max_t |E(t) diag(w)|_2 times the field's Lipschitz
-    constant in the class displacement (1 for the linear fields, 1/2 for the cross-entropy's
-    softmax, |W|^2 / 2 through a read-out)."""
-    lip = {"identity": 1.0, "label_projection": 1.0, "cross_entropy": 0.5}.get(cmf.kind, 1.0)
+def field_gain(cmf: ClassMeanField, features: np.ndarray, labels: np.ndarray,
+               K: int) -> np.ndarray:
+    """How fast the class means of G change with a class's displacement, at the logged states:
+    (R, T), the largest over classes k of the spectral norm of ``d Gbar_k / d delta_k``.
+
+    For the cross-entropy on logits it is ``|mean_{j in k} (diag(s_j) - s_j s_j^T)|_2`` with
+    ``s_j = softmax(X_j)``: 1/2 at worst, and far below it once the logits saturate (late in
+    training, where a large E moves the logits slowly). Through a read-out W it is that of
+    ``W^T (...) W``; the linear fields have gain 1; a generic field is taken as 1."""
+    R, T = features.shape[:2]
+    if cmf.kind not in ("cross_entropy", "readout"):
+        return np.ones((R, T))
+    x = features
     if cmf.kind == "readout":
-        lip = 0.5 * float(np.linalg.norm(cmf.W.numpy(), 2)) ** 2
-    grid = np.linspace(ts[0], ts[-1], 4 * (len(ts) - 1) + 1)
-    Eg = form.E_numpy(np.asarray(theta, dtype=float), grid)
-    return float(np.max(np.linalg.norm(Eg * np.asarray(weights)[None, None, :], ord=2,
-                                       axis=(1, 2)))) * lip
+        W = cmf.W.numpy()
+        x = x @ W.T + (0.0 if cmf.b is None else cmf.b.numpy())
+    z = x - x.max(-1, keepdims=True)
+    s = np.exp(z)
+    s /= s.sum(-1, keepdims=True)                                          # (R, T, N, q)
+    q = s.shape[-1]
+    onehot = np.eye(K)[labels] / np.bincount(labels, minlength=K)[:, None].T   # (N, K)
+    gain = np.zeros((R, T))
+    for k in range(K):
+        sel = onehot[:, k] > 0
+        sk = s[:, :, sel]                                                  # (R, T, n_k, q)
+        diag = sk.mean(2)                                                  # (R, T, q)
+        outer = np.einsum("rtna,rtnb->rtab", sk, sk) / sel.sum()
+        J = -outer
+        J[..., np.arange(q), np.arange(q)] += diag
+        if cmf.kind == "readout":
+            J = np.einsum("ap,rtab,bq->rtpq", W, J, W)
+        gain = np.maximum(gain, np.linalg.norm(J, ord=2, axis=(-2, -1)))
+    return gain
+
+
+def _interval_rates(form: ImpactForm, theta, ts, weights, gain: np.ndarray) -> np.ndarray:
+    """The drift's fastest rate of change in each logged interval, (R, T - 1): the largest
+    ``|E(t) diag(w)|_2`` over the interval (4 sub-intervals) times the field's gain
+    (:func:`field_gain`) at the interval's two logged ends. RK4 with a step h is stable and
+    accurate where h times this rate is at most about 1."""
+    n = len(ts) - 1
+    grid = (np.asarray(ts[:-1])[:, None] + np.diff(ts)[:, None] * np.linspace(0, 1, 5)[None])
+    Eg = form.E_numpy(np.asarray(theta, dtype=float), grid.reshape(-1))
+    En = np.linalg.norm(Eg * np.asarray(weights)[None, None, :], ord=2, axis=(1, 2))
+    En = En.reshape(n, 5).max(axis=1)                                      # (T - 1,)
+    g = np.maximum(gain[:, :-1], gain[:, 1:])                              # (R, T - 1)
+    return En[None, :] * g
+
+
+class _StiffnessBound:
+    """A quadratic barrier on the drift's stiffness: ``rate_i dt_i <= cap`` in every logged
+    interval, rate_i as in :func:`_interval_rates` (differentiable in theta, the field's gain
+    held at its logged values). Past ``rate dt`` of a few tens the flow relaxes completely
+    within an interval and the log cannot tell a faster relaxation from a fast one; on real
+    logs a weakly identified shift of E's rows otherwise runs away to ever stiffer flows."""
+
+    def __init__(self, form: ImpactForm, ts, weights, gain_iv: np.ndarray, cap: float,
+                 weight: float):
+        ts = np.asarray(ts, dtype=float)
+        self.n = len(ts) - 1
+        grid = ts[:-1, None] + np.diff(ts)[:, None] * np.linspace(0, 1, 5)[None]
+        self.at = form.at(grid.reshape(-1))
+        self.w = torch.as_tensor(np.asarray(weights, dtype=float))
+        self.scale = torch.as_tensor(gain_iv * np.diff(ts) / cap)             # (T - 1,)
+        self.weight = float(weight)          # about 1e3 times the loss: held within a few %
+
+    def ratio(self, theta: torch.Tensor) -> torch.Tensor:
+        """rate_i dt_i / cap, (..., T - 1)."""
+        E = self.at.E(theta) * self.w
+        nrm = torch.linalg.matrix_norm(E, ord=2)
+        return nrm.reshape(*nrm.shape[:-1], self.n, 5).amax(-1) * self.scale
+
+    def penalty(self, theta: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.weight * (torch.relu(self.ratio(theta) - 1.0) ** 2).sum()
 
 
 def _surrogate_start(prob: _Problem, form: ImpactForm, gbar: torch.Tensor) -> tuple:

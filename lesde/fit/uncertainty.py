@@ -233,7 +233,7 @@ def _boot_chunk(job: dict) -> np.ndarray:
     form = ImpactForm(**spec["form"])
     return refit_batch(xb, spec["ts"], spec["labels"], spec["weights"], spec["field"], form,
                        spec["whitening"], spec["substeps"], spec["theta"], spec["max_iter"],
-                       spec["hessian"])
+                       spec["hessian"], spec.get("gain"), spec.get("max_stiffness"))
 
 
 def _chunks(n: int, size: int) -> list:
@@ -296,10 +296,11 @@ def _bands(est, traj, band, theta, q_hat) -> None:
         raise ValueError(f"bootstrap={band!r} needs n_bootstrap >= 2, got {n}")
     spec = {"form": est.form_.describe_init(), "theta": theta, "ts": traj.ts,
             "labels": traj.labels, "weights": traj.class_weights, "field": est.field,
-            "whitening": est.whitening_, "substeps": est.n_substeps_,
+            "whitening": est.whitening_, "substeps": est.steps_,
             "max_iter": int(est.max_iter), "x0": traj.features[:, 0], "sigma": est.sigma_,
             "lr": est.lr_, "noise": est.noise_kind_, "rate": est.drift_rate_,
-            "hessian": est.hessian_}
+            "hessian": est.hessian_, "gain": est.gain_,
+            "max_stiffness": est.max_stiffness}
     if band in ("samples", "trials", "both"):
         spec["features"] = traj.features
     per = traj.R * (traj.T - 1) * traj.N * traj.p
