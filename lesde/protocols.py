@@ -656,8 +656,9 @@ def summarize_protocol(out: str, *, complete_only: bool = True, nc: bool = False
     ``impact_step`` (T',), ``E`` (R, T', K, K), ``alpha_hat``, ``beta_hat`` (R, T') when
     measured; ``trials`` (R,) and ``wall_seconds`` (R,); and a first look with the existing
     I-estimator (:class:`lesde.fit.IEstimator`, class means of the tracked training logits,
-    on_reversed="nan"): ``A``, ``B`` (R, T) per trial and ``A_pooled``, ``B_pooled`` (T,) from
-    the class means averaged over the trials (the authors pool their trials that way).
+    its default on_reversed="abs", so no logged time is dropped): ``A``, ``B`` (R, T) per
+    trial and ``A_pooled``, ``B_pooled`` (T,) from the class means averaged over the trials
+    (the authors pool their trials that way).
     With ``nc=True`` also NC1, NC2 (three terms), NC3, NC4 of the tracked training
     features over time (R, T) from the recorded read-out (:func:`load_head_log`).
 
@@ -716,7 +717,7 @@ def summarize_protocol(out: str, *, complete_only: bool = True, nc: bool = False
             A, B = [], []
             for st in sts:
                 try:
-                    est = IEstimator(on_reversed="nan", n_bootstrap=0).fit(as_trajectory(st))
+                    est = IEstimator(n_bootstrap=0).fit(as_trajectory(st))
                     A.append(est.A_[:T])
                     B.append(est.B_[:T])
                 except ValueError:      # too few logged times for the derivative
@@ -725,7 +726,7 @@ def summarize_protocol(out: str, *, complete_only: bool = True, nc: bool = False
             rec["A"], rec["B"] = np.stack(A), np.stack(B)
             means = rec["class_mean_logits_train"].astype(np.float64).mean(axis=0)  # (T, K, K)
             try:
-                pooled = IEstimator(on_reversed="nan", n_bootstrap=0).fit((rec["time"], means, np.arange(K)))
+                pooled = IEstimator(n_bootstrap=0).fit((rec["time"], means, np.arange(K)))
                 rec["A_pooled"], rec["B_pooled"] = pooled.A_, pooled.B_
             except ValueError:
                 rec["A_pooled"], rec["B_pooled"] = nan, nan
