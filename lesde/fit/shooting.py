@@ -582,9 +582,9 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         """The fitted curves at the logged times as a dict of (T,) arrays (bands as
         ``<name>_lo`` / ``<name>_hi``); sigma is per interval, given at the interval's start."""
         self._check_fitted()
-        out = {"t": self.ts_, "alpha": self.alpha_, "beta": self.beta_, "A": self.A_,
-               "B": self.B_, "sigma": np.append(self.sigma_, np.nan)}
-        for name in ("alpha", "beta", "A", "B"):
+        out = {"t": self.ts_, "alpha": self.alpha_, "beta": self.beta_, "gap": self.gap_,
+               "A": self.A_, "B": self.B_, "sigma": np.append(self.sigma_, np.nan)}
+        for name in ("alpha", "beta", "gap", "A", "B"):
             if name in self.bands_:
                 out[f"{name}_lo"], out[f"{name}_hi"] = self.bands_[name]
         K = self.K_
