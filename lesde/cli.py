@@ -2515,6 +2515,10 @@ def _print_headline(est, level):
     if not est.row_shift_identified_:
         print("  warning: alpha + (K-1) beta is not identified from this log (bands are wide); "
               "the gap alpha - beta is:")
+    elif getattr(est, "stiff_bound_active_", False):
+        print(f"  warning: the fit presses against the stiffness bound (max_stiffness "
+              f"{est.max_stiffness:g}): E's size in its fastest direction is a lower bound, not "
+              f"identified (bands are wide); the gap alpha - beta is below")
     elif not est.identified_:
         print(f"  warning: not identified (condition {est.condition_:.1e}); bands are wide")
     print(f"  {'t':>9s}  {'alpha':>10s} {'[band]':>23s}  {'beta':>10s} {'[band]':>23s}")
@@ -2522,7 +2526,7 @@ def _print_headline(est, level):
         a = f"[{band['alpha'][0, i]:.4g}, {band['alpha'][1, i]:.4g}]" if "alpha" in band else ""
         b = f"[{band['beta'][0, i]:.4g}, {band['beta'][1, i]:.4g}]" if "beta" in band else ""
         print(f"  {ts[i]:9.4g}  {est.alpha_[i]:10.4g} {a:>23s}  {est.beta_[i]:10.4g} {b:>23s}")
-    if not est.row_shift_identified_ and "gap" in band:
+    if not est.identified_ and "gap" in band:
         print(f"  {'t':>9s}  {'gap':>10s} {'[band]':>23s}")
         for i in idx:
             g = f"[{band['gap'][0, i]:.4g}, {band['gap'][1, i]:.4g}]"
