@@ -133,7 +133,14 @@ def main():
                          f"A {sh['A_T']:.3g} [{band[0]:.3g}, {band[1]:.3g}], B {sh['B_T']:.3g}"
                          if band else f"A {sh['A_T']:.3g}, B {sh['B_T']:.3g}",
                          "-", f"{sh['trials']} trials in one fit, {sh['shoot_per_class']} "
-                         f"samples per class; tail index (paper) A {sh['tail_A_paper']:.2f}, "
+                         f"samples per class, every {sh['shoot_every']}th logged time; "
+                         + ("E not identified: the fit presses against the stiffness bound "
+                            "(alpha + 2 beta is a lower bound); "
+                            if any("stiffness bound" in w for w in sh.get("warnings", []))
+                            else "" if sh["summary"].get("identified", True)
+                            else "E not identified (condition "
+                                 f"{sh['summary']['condition']:.1e}); ")
+                         + f"tail index (paper) A {sh['tail_A_paper']:.2f}, "
                          f"B {sh['tail_B_paper']:.2f}"))
         elif sh:
             rows.append((f"GeoMNIST p_err {PERR[s]}: trajectory-matching fit", "-", "not finished",
