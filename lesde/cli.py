@@ -1315,7 +1315,8 @@ def _run_elasticity(args):
         print(np.array2string(means.numpy(), precision=4))
         png_path = os.path.join(args.out, f"S_{args.kind}.png")
         figures.plot_matrix(s.numpy(), f"S_{args.kind} (symmetrised)", png_path)
-        print(f"wrote {csv_path} (row = update, column = probe) and {png_path}")
+        print(f"wrote {csv_path} (row = update, column = probe) and {png_path} (and .pdf, .svg "
+              f"beside it)")
         return 0
 
     if args.job == "cluster":
@@ -1411,6 +1412,7 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
         figures.plot_clustering_summary(pd.read_csv(os.path.join(args.out, "clustering_summary.csv"),
                                                     keep_default_na=False, na_values=[""]),
                                         os.path.join(args.out, "clustering.png"))
+        print(f"wrote {os.path.join(args.out, 'clustering.png')} (and .pdf, .svg beside it)")
         return 0
     rows = []
     names = all_classes(args.data)
@@ -1502,6 +1504,7 @@ def _elasticity_cluster(args, load, all_classes, write_csv, progress) -> int:
     agg = agg.rename(columns={"mean": "accuracy_mean", "std": "accuracy_sd", "count": "seeds"}).round(4)
     write_csv("clustering_summary.csv", agg.to_dict("records"))
     figures.plot_clustering_summary(agg, os.path.join(args.out, "clustering.png"))
+    print(f"wrote {os.path.join(args.out, 'clustering.png')} (and .pdf, .svg beside it)")
     return 0
 
 
@@ -1606,7 +1609,8 @@ def _elasticity_track(args, load, progress) -> int:
                                      os.path.join(args.out, "tracking.png"))
     figures.plot_elasticity_tracking(frames[0], [str(c) for c in args.classes],
                                      os.path.join(args.out, "tracking_curves_run0.png"))
-    print(f"wrote {args.out}/tracking_summary.json, tracking.png")
+    print(f"wrote {args.out}/tracking_summary.json, tracking.png and tracking_curves_run0.png "
+          f"(each with .pdf, .svg beside it)")
     return 0
 
 
@@ -1737,7 +1741,7 @@ def _elasticity_compare(args, write_csv) -> int:
                 "train_image_acc_ref": round(float(theirs["test_acc"].mean()), 4)})
         write_csv("dan_accuracy.csv", acc_rows)
     figures.plot_dan_comparison(table, os.path.join(args.out, "dan_comparison.png"))
-    print(f"wrote {os.path.join(args.out, 'dan_comparison.png')}")
+    print(f"wrote {os.path.join(args.out, 'dan_comparison.png')} (and .pdf, .svg beside it)")
     return 0
 
 
