@@ -24,11 +24,17 @@ coverage matrix of the bands.
    quarter, half and three quarters of the run (for the full E: every entry at half time).
    Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
    many replicates per pass, and a rerun continues where a stopped run left off.
+4. ``gap``: the coverage of the gap alpha - beta's band on the cross-entropy cells where the
+   fit flags alpha + (K-1) beta as not identified (the gap is what it then reports).
+5. ``shift``: the sandwich coverage of alpha and beta without a flagged fit's widening, against
+   the fit's shift signal: the calibration of ``ShootingEstimator.SHIFT_MIN``.
 
     python benchmarks/bench_fit.py exact
     python benchmarks/bench_fit.py timing [--out FILE.json]
     nice -n 10 python benchmarks/bench_fit.py coverage --replicates 120 --chunk 5 \\
         --out benchmarks/results_fit_coverage.json
+    python benchmarks/bench_fit.py gap --replicates 100 --out benchmarks/results_fit_gap.json
+    python benchmarks/bench_fit.py shift --replicates 100 --out benchmarks/results_fit_shift.json
 """
 from __future__ import annotations
 
@@ -432,6 +438,12 @@ def exactness_table(verbose=True) -> list:
 # ============================================================================================
 # timing at real-log size
 # ============================================================================================
+def _save(out: dict, path) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
 def timing(args) -> dict:
     out = {}
     for Kc in (int(v) for v in args.kk.split(",")):
@@ -459,9 +471,7 @@ def timing(args) -> dict:
                   + f": {row[band]:.1f} s ({est.n_evals_} evaluations, "
                   f"{est.n_substeps_} {est.integrator_} steps)", flush=True)
             out[f"K={Kc}"] = row
-            if args.out:                                  # partial results survive a stop
-                with open(args.out, "w") as fh:
-                    json.dump(out, fh, indent=1)
+            _save(out, args.out)                          # partial results survive a stop
     real = "figures/real/cifar10_resnet18_summary.npz"
     if os.path.exists(real):
         # the committed real log (ResNet-18 logits, K = 3, T = 132, 100 per class): stiff, and
@@ -483,15 +493,100 @@ def timing(args) -> dict:
               f"fit with sandwich band: {sec:.1f} s ({est.n_evals_} evaluations, "
               f"{est.n_substeps_} {est.integrator_} steps, stiffness bound "
               f"{'active' if est.stiff_bound_active_ else 'inactive'})", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(out, fh, indent=1)
+        _save(out, args.out)
+    return out
+
+
+# ============================================================================================
+# the gap alpha - beta: its band where alpha + (K-1) beta is flagged
+# ============================================================================================
+def gap_coverage(args) -> dict:
+    """Coverage of the sandwich band of the gap alpha - beta (the quantity the fit reports as
+    identified when it flags alpha + (K-1) beta) at a quarter, half and three quarters of the
+    run, averaged over the three times; bias, spread and band width at half time. On the
+    --cells cells (default: the cross-entropy cells where most fits are flagged), --replicates
+    logs each, fixed seeds."""
+    names = (args.cells.split(";") if args.cells else
+             ["base", "coarse", "200 per class", "noise high"])
+    cells = _cells()
+    out = {}
+    for name in names:
+        c = cells[name]
+        tq, truth = _targets(c)
+        gap = truth["alpha"] - truth["beta"]
+        logs = simulate_logs(c, args.replicates, 4242)
+        idx = np.searchsorted(logs[0].ts, tq - 1e-9)
+        hits, err, wid, flag = [], [], [], 0
+        t0 = time.perf_counter()
+        for tr in logs:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                est = _estimator(c, bootstrap="sandwich").fit(tr)
+            flag += any("not identified" in str(x.message) for x in w)
+            b = est.bands_["gap"][:, idx]
+            hits.append(float(((b[0] <= gap) & (gap <= b[1])).mean()))
+            err.append(float(est.gap_[idx][1] - gap[1]))
+            wid.append(float(b[1, 1] - b[0, 1]))
+        n = len(hits)
+        out[name] = {"replicates": n, "flagged": flag, "coverage": float(np.mean(hits)),
+                     "se_at_095": math.sqrt(0.95 * 0.05 / n), "bias": float(np.mean(err)),
+                     "sd": float(np.std(err, ddof=1)), "median_width": float(np.median(wid)),
+                     "seconds": time.perf_counter() - t0}
+        r = out[name]
+        print(f"{name}: {n} replicates, {flag} flagged; gap coverage {r['coverage']:.3f} (SE at "
+              f"0.95 {r['se_at_095']:.3f}); bias {r['bias']:+.4f}, SD {r['sd']:.4f}, median band "
+              f"width {r['median_width']:.4f} (2 x 1.96 SD = {3.92 * r['sd']:.4f})", flush=True)
+        _save(out, args.out)
+    return out
+
+
+def shift_calibration(args) -> dict:
+    """How the sandwich band of alpha and beta covers, without the widening of a flagged fit,
+    against the fit's shift signal (``shift_signal_``, compared with
+    ``ShootingEstimator.SHIFT_MIN``), on the --cells cells (default: four cross-entropy cells),
+    --replicates logs each, fixed seeds; coverage averaged over a quarter, half and three
+    quarters of the run."""
+    names = (args.cells.split(";") if args.cells else
+             ["base", "coarse", "noise high", "200 per class"])
+    cells = _cells()
+    saved = ShootingEstimator.SHIFT_MIN
+    ShootingEstimator.SHIFT_MIN = 0.0
+    rows = []
+    try:
+        for name in names:
+            c = cells[name]
+            tq, truth = _targets(c)
+            logs = simulate_logs(c, args.replicates, 9191)
+            idx = np.searchsorted(logs[0].ts, tq - 1e-9)
+            for tr in logs:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    est = _estimator(c, bootstrap="sandwich").fit(tr)
+                hit = [float(((est.bands_[k][0, idx] <= v) & (v <= est.bands_[k][1, idx])).mean())
+                       for k, v in truth.items()]
+                rows.append([float(est.shift_signal_)] + hit)
+            print(f"{name}: {args.replicates} fits", flush=True)
+    finally:
+        ShootingEstimator.SHIFT_MIN = saved
+    rows = np.array(rows)
+    out = {"cells": names, "replicates_per_cell": args.replicates, "bins": []}
+    for lo, hi in [(0, 0.05), (0.05, 0.1), (0.1, 0.15), (0.15, 0.25), (0.25, 1.0)]:
+        m = (rows[:, 0] >= lo) & (rows[:, 0] < hi)
+        if m.sum():
+            b = {"shift_signal": [lo, hi], "fits": int(m.sum()),
+                 "coverage_alpha": float(rows[m, 1].mean()),
+                 "coverage_beta": float(rows[m, 2].mean())}
+            out["bins"].append(b)
+            print(f"shift signal [{lo}, {hi}): {b['fits']:3d} fits, unwidened sandwich coverage "
+                  f"alpha {b['coverage_alpha']:.3f}, beta {b['coverage_beta']:.3f}", flush=True)
+    _save(out, args.out)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", choices=("exact", "timing", "coverage", "table"))
+    parser.add_argument("job", choices=("exact", "timing", "coverage", "table", "gap",
+                                                "shift"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
     parser.add_argument("--boot", type=int, default=200,
@@ -510,9 +605,13 @@ def main(argv=None):
         res = exactness_table()
     elif args.job == "timing":
         res = timing(args)
+    elif args.job == "gap":
+        res = gap_coverage(args)
+    elif args.job == "shift":
+        res = shift_calibration(args)
     else:
         res = coverage(args)
-    if args.out and args.job != "coverage":
+    if args.out and args.job not in ("coverage", "gap", "shift"):
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
 
