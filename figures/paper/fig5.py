@@ -127,15 +127,18 @@ def main(argv=None):
     ap.add_argument("--partial", action="store_true", help="unfinished trials too")
     ap.add_argument("--out", default=os.path.join(HERE, "fig5"))
     args = ap.parse_args(argv)
+    from lesde.plotting import style
+
+    with style():
+        return _run(args)
+
+
+def _run(args):
     import torch
 
     torch.set_num_threads(1)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lesde.fit import smooth_derivative
+    from lesde.plotting import band, color, legend_outside, new_figure, save_figure
     from lesde.protocols import load_protocol
 
     name = f"{args.protocol}_{args.setting}"
@@ -147,8 +150,9 @@ def main(argv=None):
     coord = c if args.align is None else args.align
     out = {"protocol": args.protocol, "setting": args.setting, "class": c, "align": coord,
            "paths": args.paths}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    fig = new_figure(11.0, 3.6)
+    axes = fig.subplots(1, 3)
+    colors = [color(k) for k in range(10)]
 
     # (a) the authors' recipe
     z = np.load(summ) if os.path.exists(summ) else summary_from_stores(run, args.setting,
@@ -170,18 +174,19 @@ def main(argv=None):
                 "r2_rescaled": _r2(logged[:, c], fA * mA[:, c])}
     ax = axes[0]
     for k in range(K):
-        ax.scatter(it, logged[:, c, k], s=6, alpha=0.3, color=colors[k])
-        ax.plot(it, fA * mA[:, c, k], color=colors[k], lw=2, label=f"X^{c}_{k}")
-        ax.fill_between(it, fA * (mA[:, c, k] - simA[:, :, c, k].std(0)),
-                        fA * (mA[:, c, k] + simA[:, :, c, k].std(0)), color=colors[k], alpha=0.1)
+        ax.scatter(it, logged[:, c, k], s=5, alpha=0.35, color=colors[k],
+                   label=f"logged class-{c} mean, coordinate {k}")
+        ax.plot(it, fA * mA[:, c, k], color=colors[k], lw=1.6,
+                label=f"LE-ODE, coordinate {k} (rescaled)")
+        band(ax, it, fA * (mA[:, c, k] - simA[:, :, c, k].std(0)),
+             fA * (mA[:, c, k] + simA[:, :, c, k].std(0)), color=colors[k], alpha=0.08)
     lo, hi = float(np.min(logged[:, c])), float(np.max(logged[:, c]))
     ylim = (lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
     ax.set_ylim(ylim)
-    ax.set_title(f"(a) authors' recipe: label-projection LE-ODE, I-estimator,\n"
-                 f"random starts, x {fA:.3g}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(f"class-{c} mean logit")
-    ax.legend(fontsize=8)
+    ax.set_title(f"(a) the authors' recipe: label-projection LE-ODE,\n"
+                 f"I-estimator, random starts, rescaled by {fA:.3g}")
+    ax.set_xlabel("SGD iteration")
+    ax.set_ylabel(f"mean logit of class {c}")
 
     # (b) the trajectory-matching fit
     if os.path.exists(fitp):
@@ -198,13 +203,14 @@ def main(argv=None):
                     "r2_as_simulated": _r2(logged[:, c], mB[:, c])}
         ax = axes[1]
         for k in range(K):
-            ax.scatter(it, logged[:, c, k], s=6, alpha=0.3, color=colors[k])
-            ax.plot(it, fB * mB[:, c, k], color=colors[k], lw=2)
-            ax.plot(it, mB[:, c, k], color=colors[k], lw=1, ls="--")
+            ax.scatter(it, logged[:, c, k], s=5, alpha=0.35, color=colors[k])
+            ax.plot(it, fB * mB[:, c, k], color=colors[k], lw=1.6)
+            ax.plot(it, mB[:, c, k], color=colors[k], lw=0.9, ls="--",
+                    label="as simulated (not rescaled)" if k == 0 else None)
         ax.set_ylim(ylim)
-        ax.set_title(f"(b) fitted cross-entropy LE-ODE (shooting), random starts,\n"
-                     f"x {fB:.3g} (solid), as simulated (dashed)")
-        ax.set_xlabel("iteration")
+        ax.set_title(f"(b) the fitted cross-entropy LE-ODE (trajectory\n"
+                     f"matching), random starts, rescaled by {fB:.3g}")
+        ax.set_xlabel("SGD iteration")
     else:
         axes[1].set_title(f"(b) no fit at {os.path.basename(fitp)}")
 
@@ -232,23 +238,30 @@ def main(argv=None):
         itc = gof.ts / lr
         lm = small.class_means()[0]
         for k in range(K):
-            ax.plot(small.ts / lr, lm[:, c, k], ".", color=colors[k], alpha=0.5)
-            ax.plot(itc, gof.sim_means[:, c, k], color=colors[k], lw=2)
-            ax.fill_between(itc, gof.sim_lo[:, c, k], gof.sim_hi[:, c, k], color=colors[k],
-                            alpha=0.15)
-        ax.axvline(small.ts[half] / lr, color="k", lw=0.8, ls=":")
-        ax.set_title(f"(c) held out: fitted to the first half, simulated from there\n"
-                     f"R^2 {gof.r2:.3f}, band coverage {gof.coverage:.2f} (trial 0)")
-        ax.set_xlabel("iteration")
+            ax.plot(small.ts / lr, lm[:, c, k], ".", ms=3, color=colors[k], alpha=0.6)
+            ax.plot(itc, gof.sim_means[:, c, k], color=colors[k], lw=1.6)
+            band(ax, itc, gof.sim_lo[:, c, k], gof.sim_hi[:, c, k], color=colors[k],
+                 label="fitted LE-SDE, 95% of simulated paths" if k == 0 else None)
+        ax.axvline(small.ts[half] / lr, color="0.3", lw=0.8, ls=":",
+                   label="end of the fitted part")
+        ax.set_title(f"(c) held out: fitted to the first half, simulated\n"
+                     f"from there: $R^2$ {gof.r2:.3g}, band covers {gof.coverage:.0%} (trial 0)")
+        ax.set_xlabel("SGD iteration")
     else:
         axes[2].set_visible(False)
-    fig.suptitle(f"{args.protocol} {args.setting}: logged class means (dots) and the LE-ODE")
-    fig.tight_layout()
+    fig.suptitle(f"{TITLES.get(args.protocol, args.protocol)}"
+                 f"{PERR.get(args.setting, '')}: logged class means (dots) and the LE-ODE")
+    legend_outside(fig, where="bottom", ncol=4)
     os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=110)
+    save_figure(fig, os.path.join(args.out, f"{name}.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
         json.dump(out, fh, indent=1)
     print(json.dumps(out, indent=1))
+
+
+TITLES = {"zhang2021-geomnist": "GeoMNIST, LeNet, batch 1",
+          "zhang2021-cifar10": "CIFAR-10 (three classes), LeNet, batch 1"}
+PERR = {"p000": ", p_err = 0", "p030": ", p_err = 0.3", "p067": ", p_err = 2/3"}
 
 
 def _r2(logged, sim):
