@@ -11,7 +11,9 @@ Panels:
 (b) the gap alpha - beta, fitted with its band and measured;
 (c) NC1 of the tracked training logits (Papyan, Han & Donoho 2020), logged, against the fitted
     LE-SDE simulated with its fitted noise from the logged logits at t = 0 (median and 5-95% over
-    ``--paths`` paths), on the same 10 samples per class.
+    ``--paths`` paths), on the same 10 samples per class;
+(d) NC2 (the ETF-angle term), NC3 and NC4 of the same logits (read-out: the identity, centred
+    for NC3), logged against the fitted LE-SDE's median.
 
 Usage (from the repository root, one torch thread; needs the run's stores)::
 
@@ -53,7 +55,7 @@ def main(argv=None):
     from fits import load_trials, reduce
 
     from lesde.fit import ShootingEstimator
-    from lesde.metrics import nc1
+    from lesde.metrics import nc1, neural_collapse
     from lesde.plotting import band, color, legend_outside, new_figure, save_figure, styled
     from lesde.solvers import simulate
 
@@ -81,11 +83,15 @@ def main(argv=None):
     nc_sim = np.array([[nc1(sim[i, r], small.labels, K) for r in range(args.paths)]
                        for i in range(small.T)])
     nc_all = np.array([nc1(traj.features[0, i], traj.labels, K) for i in range(traj.T)])
+    eye = np.eye(K)
+    ncl = neural_collapse(small.features[0], small.labels, W=eye, center_W=True)  # over (T,)
+    ncs = neural_collapse(np.transpose(sim, (1, 0, 2, 3)), small.labels, W=eye, center_W=True)
+    others = {"NC2 (ETF angle)": ("etf_angle", 0), "NC3": ("nc3", 1), "NC4": ("nc4", 2)}
 
     @styled
     def draw():
-        fig = new_figure(10.5, 3.3)
-        ax = fig.subplots(1, 3)
+        fig = new_figure(13.5, 3.4)
+        ax = fig.subplots(1, 4)
         ts = est.ts_
         for name, q, mk, hat in (("alpha", est.alpha_, "o", a_hat), ("beta", est.beta_, "x", b_hat)):
             c = color(0 if name == "alpha" else 1)
@@ -116,6 +122,15 @@ def main(argv=None):
         ax[2].set_xlabel("t = SGD step x lr")
         ax[2].set_ylabel(r"NC1 of the logits, $\mathrm{Tr}(\Sigma_W\Sigma_B^{+})/K$")
         ax[2].set_title("neural collapse (NC1)")
+        for lab, (attr, j) in others.items():
+            c = color(6 + j)
+            v_sim = np.median(np.asarray(getattr(ncs, attr)), axis=0)
+            ax[3].plot(ts, v_sim, color=c, label=f"{lab}, fitted LE-SDE (median)")
+            ax[3].plot(ts, np.asarray(getattr(ncl, attr)), "o", ms=3, color=c,
+                       label=f"{lab}, logged")
+        ax[3].set_xlabel("t = SGD step x lr")
+        ax[3].set_ylabel("measure (0: collapsed)")
+        ax[3].set_title("NC2-NC4 of the logits")
         legend_outside(fig, where="bottom", ncol=3)
         fig.suptitle("CIFAR-10, ten classes, ResNet-18 (width 1/4): fitted against measured")
         return fig
@@ -131,7 +146,11 @@ def main(argv=None):
            "measured": {"t": t_imp.tolist(), "alpha_hat": a_hat.tolist(),
                         "beta_hat": b_hat.tolist()},
            "nc1": {"t": est.ts_.tolist(), "logged": nc_log.tolist(),
-                   "fitted_sde_median": med_of(nc_sim), "paths": args.paths}}
+                   "fitted_sde_median": med_of(nc_sim), "paths": args.paths},
+           "nc2_4": {lab: {"logged": np.asarray(getattr(ncl, attr)).tolist(),
+                           "fitted_sde_median": np.median(np.asarray(getattr(ncs, attr)),
+                                                          axis=0).tolist()}
+                     for lab, (attr, _) in others.items()}}
     with open(os.path.join(args.out, "k10_compare.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", *paths, os.path.join(args.out, "k10_compare.json"))
@@ -141,6 +160,11 @@ def main(argv=None):
     print(f"NC1 of the logits at the end: logged {nc_log[-1]:.3g}, fitted SDE median "
           f"{np.median(nc_sim[-1]):.3g} [5-95%: {np.percentile(nc_sim[-1], 5):.3g}, "
           f"{np.percentile(nc_sim[-1], 95):.3g}]")
+    for lab, (attr, _) in others.items():
+        print(f"{lab} of the logits, start -> end: logged "
+              f"{np.asarray(getattr(ncl, attr))[0]:.3g} -> {np.asarray(getattr(ncl, attr))[-1]:.3g}, "
+              f"fitted SDE median {np.median(np.asarray(getattr(ncs, attr))[:, 0]):.3g} -> "
+              f"{np.median(np.asarray(getattr(ncs, attr))[:, -1]):.3g}")
     return 0
 
 
