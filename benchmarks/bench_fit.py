@@ -122,7 +122,7 @@ def _cells() -> dict:
         "SGD noise high x coarse": cell(noise="sgd", level="high", logging="coarse"),
         "I field x coarse x noise high": cell(field="identity", logging="coarse", level="high"),
         "L field x coarse x noise high": cell(field="label_projection", logging="coarse",
-                                              level="high"),
+                                              level="high", parametric=True),
         "I field x power-law": cell(field="identity", profile="power_law"),
         "L field x rise-then-decay": cell(field="label_projection", profile="rise"),
         "200 per class x 4 trials x noise high": cell(n=200, R=4, level="high"),
