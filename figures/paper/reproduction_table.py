@@ -104,18 +104,14 @@ def main():
                 paper_acc[s][0], paper_acc[s][1], paper_acc[s][2], g["over_trials"]["val_acc"],
                 "chance 0.333; 600 validation images per trial")
     paper_tail = {"p000": 0.68, "p030": 0.73, "p067": 1.01}
-    for s, g in geo.items():
-        if g:
-            o = g["over_trials"]
-            add(f"GeoMNIST p_err {PERR[s]}: tail index of alpha, paper's definition",
-                f"{paper_tail[s]:.2f}", paper_tail[s], paper_tail[s], o["tail_A_paper"],
-                f"pooled: {g['pooled']['tail_A_paper']:.2f}", digits=2)
-    for s, g in geo.items():
-        if g:
-            o = g["over_trials"]
-            add(f"GeoMNIST p_err {PERR[s]}: tail index of beta, paper's definition",
-                "plotted in Fig. 4c, no number stated", None, None, o["tail_B_paper"],
-                f"pooled: {g['pooled']['tail_B_paper']:.2f}", digits=2)
+    papers = {"alpha": lambda s: (f"{paper_tail[s]:.2f}", paper_tail[s], paper_tail[s]),
+              "beta": lambda s: ("plotted in Fig. 4c, no number stated", None, None)}
+    for name, key in (("alpha", "tail_A_paper"), ("beta", "tail_B_paper")):
+        for s, g in geo.items():
+            if g:
+                add(f"GeoMNIST p_err {PERR[s]}: tail index of {name}, paper's definition",
+                    *papers[name](s), g["over_trials"][key],
+                    f"pooled: {g['pooled'][key]:.2f}", digits=2)
     for s, g in geo.items():
         if g:
             o = g["over_trials"]
