@@ -19,8 +19,9 @@ coverage matrix of the bands.
    field from 1 and from 4 trials). Each replicate simulates the LE-SDE from its own initial
    state (exact sampling for the I and L fields with additive noise, else Euler-Maruyama with
    step 0.002) and fits it. Bands: the quasi-likelihood sandwich (every
-   cell) and, in the marked cells, the parametric bootstrap with 40 resamples (basic, normal
-   and percentile intervals from the same resamples). Coverage of alpha(t) and beta(t) at a
+   cell) and the parametric bootstrap, the default band, with 40 resamples (basic, normal
+   and percentile intervals from the same resamples; type-6 sample quantiles, which hold their
+   level at any number of resamples, see ``lesde.fit.uncertainty.QUANTILE_METHOD``). Coverage of alpha(t) and beta(t) at a
    quarter, half and three quarters of the run (for the full E: every entry at half time).
    Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
    many replicates per pass, and a rerun continues where a stopped run left off.
@@ -95,7 +96,7 @@ def _impacts(field, profile):
 
 
 BASE = dict(field="cross_entropy", noise="additive", level="low", logging="fine", n=20, R=1,
-            profile="constant", matrix="intra_inter", form=None, parametric=False)
+            profile="constant", matrix="intra_inter", form=None, knots=None, parametric=True)
 SIGMA = {"low": 0.05, "high": 0.5}
 LR = {"low": 0.05, "high": 0.5}
 
@@ -107,24 +108,26 @@ def _cells() -> dict:
         return c
 
     return {
-        "base": cell(parametric=True),
-        "noise high": cell(level="high", parametric=True),
-        "coarse": cell(logging="coarse", parametric=True),
+        "base": cell(),
+        "noise high": cell(level="high"),
+        "coarse": cell(logging="coarse"),
         "200 per class": cell(n=200),
         "4 trials": cell(R=4),
         "power-law impacts": cell(profile="power_law"),
-        "rise-then-decay impacts": cell(profile="rise", parametric=True),
-        "SGD noise": cell(noise="sgd", parametric=True),
-        "I field": cell(field="identity", parametric=True),
-        "L field": cell(field="label_projection", parametric=True),
-        "coarse x noise high": cell(logging="coarse", level="high", parametric=True),
+        "rise-then-decay impacts": cell(profile="rise"),
+        "SGD noise": cell(noise="sgd"),
+        "I field": cell(field="identity"),
+        "L field": cell(field="label_projection"),
+        "coarse x noise high": cell(logging="coarse", level="high"),
         "SGD noise high": cell(noise="sgd", level="high"),
         "SGD noise high x coarse": cell(noise="sgd", level="high", logging="coarse"),
         "I field x coarse x noise high": cell(field="identity", logging="coarse", level="high"),
         "L field x coarse x noise high": cell(field="label_projection", logging="coarse",
-                                              level="high", parametric=True),
+                                              level="high"),
         "I field x power-law": cell(field="identity", profile="power_law"),
         "L field x rise-then-decay": cell(field="label_projection", profile="rise"),
+        "L field x rise-then-decay, 21 knots": cell(field="label_projection", profile="rise",
+                                                    knots=21),
         "200 per class x 4 trials x noise high": cell(n=200, R=4, level="high"),
         "default form (piecewise linear) on constant impacts": cell(form="piecewise_linear"),
         "full E, 4 trials": cell(matrix="full", R=4),
@@ -185,6 +188,8 @@ def _estimator(c: dict, **kw) -> ShootingEstimator:
     _, time_form = _impacts(c["field"], c["profile"])
     if c["form"] is not None:
         time_form = c["form"]
+    if c.get("knots") is not None:
+        kw["knots"] = c["knots"]
     return ShootingEstimator(c["field"], matrix=c["matrix"], time=time_form, **kw)
 
 
@@ -316,7 +321,7 @@ def coverage_table(path: str) -> str:
     sandwich): "in" 0.90-0.99, "consistent" within 2 SE of that range, or "misses"."""
     with open(path) as fh:
         res = json.load(fh)["cells"]
-    methods = ["sandwich", "parametric basic", "parametric percentile"]
+    methods = ["sandwich", "parametric basic", "parametric normal", "parametric percentile"]
     head = ("| cell | field | noise | log | n/class | trials | impacts | reps | SE at 0.95 | "
             + " | ".join(f"{m_}: alpha / beta" for m_ in methods)
             + " | flagged not identified | default band |")
@@ -341,6 +346,8 @@ def coverage_table(path: str) -> str:
                    else "misses")
         form = c["form"] or {"constant": "constant", "power_law": "power law",
                              "rise": "rise-decay"}[c["profile"]]
+        if c.get("knots") is not None:
+            form += f", {c['knots']} knots"
         if c["matrix"] == "full":
             form += ", full E"
         field = {"cross_entropy": "CE", "identity": "I", "label_projection": "L"}[c["field"]]
