@@ -2175,7 +2175,7 @@ def _add_fit(sub):
     m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
                    default="piecewise_linear", help="how E depends on t (default piecewise_linear)")
     m.add_argument("--knots", default=None,
-                   help="piecewise-linear knots: a number (equally spaced, default 11) or a "
+                   help="piecewise-linear knots: a number (equally spaced, default 21) or a "
                    "comma list of times")
     m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law")
     m.add_argument("--noise", choices=("both", "additive", "sgd", "none"), default="both",
