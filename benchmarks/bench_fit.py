@@ -29,6 +29,7 @@ coverage matrix of the bands.
    fit flags alpha + (K-1) beta as not identified (the gap is what it then reports).
 5. ``shift``: the sandwich coverage of alpha and beta without a flagged fit's widening, against
    the fit's shift signal: the calibration of ``ShootingEstimator.SHIFT_MIN``.
+6. ``knots``: how often AIC and BIC prefer 21 knots to 11 on logs where 11 are biased.
 
     python benchmarks/bench_fit.py exact
     python benchmarks/bench_fit.py timing [--out FILE.json]
@@ -36,6 +37,7 @@ coverage matrix of the bands.
         --out benchmarks/results_fit_coverage.json
     python benchmarks/bench_fit.py gap --replicates 100 --out benchmarks/results_fit_gap.json
     python benchmarks/bench_fit.py shift --replicates 100 --out benchmarks/results_fit_shift.json
+    python benchmarks/bench_fit.py knots --replicates 30 --out benchmarks/results_fit_knots.json
 """
 from __future__ import annotations
 
@@ -621,10 +623,39 @@ def shift_calibration(args) -> dict:
     return out
 
 
+# ============================================================================================
+# the default knot count: would an information criterion have chosen the finer form?
+# ============================================================================================
+def knots_choice(args) -> dict:
+    """On --replicates logs of the cell "L field x rise-then-decay" (seed 4242), fit 11 and 21
+    knots and count how often AIC and BIC from the quasi-likelihood prefer 21: whether the
+    form's bias at the peak (which 11 knots show in the coverage matrix) is visible in the
+    log."""
+    c = _cells()["L field x rise-then-decay"]
+    logs = simulate_logs(c, args.replicates, seed=4242)
+    crit = np.zeros((len(logs), 2, 2))
+    for r, tr in enumerate(logs):
+        for j, m_ in enumerate((11, 21)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = ShootingEstimator("label_projection", knots=m_,
+                                        bootstrap="sandwich").fit(tr)
+            crit[r, j] = est.aic_, est.bic_
+    out = {"replicates": len(logs),
+           "aic_prefers_21": int((crit[:, 1, 0] < crit[:, 0, 0]).sum()),
+           "bic_prefers_21": int((crit[:, 1, 1] < crit[:, 0, 1]).sum()),
+           "median_aic_11_minus_21": float(np.median(crit[:, 0, 0] - crit[:, 1, 0]))}
+    print(f"L field, rise-then-decay impacts, {len(logs)} logs: AIC prefers 21 knots to 11 on "
+          f"{out['aic_prefers_21']}, BIC on {out['bic_prefers_21']} (median AIC(11) - AIC(21) "
+          f"{out['median_aic_11_minus_21']:.1f})", flush=True)
+    _save(out, args.out)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("job", choices=("exact", "timing", "coverage", "table", "gap",
-                                                "shift"))
+                                                "shift", "knots"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
     parser.add_argument("--boot", type=int, default=200,
@@ -651,6 +682,8 @@ def main(argv=None):
         res = gap_coverage(args)
     elif args.job == "shift":
         res = shift_calibration(args)
+    elif args.job == "knots":
+        res = knots_choice(args)
     else:
         res = coverage(args)
     if args.out and args.job not in ("coverage", "gap", "shift"):
