@@ -2175,8 +2175,8 @@ def _add_fit(sub):
     m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
                    default="piecewise_linear", help="how E depends on t (default piecewise_linear)")
     m.add_argument("--knots", default=None,
-                   help="piecewise-linear knots: a number (equally spaced, default 21) or a "
-                   "comma list of times")
+                   help="piecewise-linear knots: a number (equally spaced, default 21, fewer on "
+                   "logs of under 41 logged times) or a comma list of times")
     m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law")
     m.add_argument("--noise", choices=("both", "additive", "sgd", "none"), default="both",
                    help="noise model of the weights and the parametric bootstrap (default both)")

@@ -351,12 +351,16 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
     time : "piecewise_linear" (default), "constant" or "power_law".
     knots : knot times of the piecewise-linear form, or their number (default:
         ``DEFAULT_KNOTS`` = 21 equally spaced times from the first to the last logged time,
-        fewer on short logs: at most one per logged time). The number sets the form's bias
+        fewer on logs of under 41 logged times: at least two logged intervals per segment; a
+        number given is capped at one knot per logged time). The number sets the form's bias
         against its variance: a smooth E(t) with curvature E'' is missed by about
         h^2 |E''| / 8 at knot spacing h, which no band of the fit can see (the parametric
         bootstrap refits the form it fitted). On the coverage matrix (``benchmarks/``) 11 knots
         were biased by 2.5 standard errors at the peak of rise-then-decay impacts at low noise
-        (coverage 0.6-0.8); 21 knots cover there, at band widths about 1.4 times larger.
+        (coverage 0.4-0.8); 21 knots cover there. The price is variance: bands about 1.4 times
+        wider at times that are knots of both forms, up to 2.4 times at the midpoint of a coarse
+        segment (where the coarse form averages two knots); pass ``knots=11`` for impacts known
+        to change slowly.
     t0 : time scale of the power law ``a (1 + t/t0)^(-r)`` (default 1.0).
     noise : the noise model of the weights and of the parametric bootstrap: "both" (default:
         additive sigma(t) and SGD noise with a fitted learning rate), "additive", "sgd", or
@@ -460,7 +464,10 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         knots = None
         if self.time == "piecewise_linear":
             if self.knots is None or np.isscalar(self.knots):
-                m = self.DEFAULT_KNOTS if self.knots is None else int(self.knots)
+                if self.knots is None:      # at least two logged intervals per segment
+                    m = min(self.DEFAULT_KNOTS, (traj.T - 1) // 2 + 1)
+                else:
+                    m = int(self.knots)
                 if m < 1:
                     raise ValueError(f"knots must be a positive number or a list of times, "
                                      f"got {self.knots}")
