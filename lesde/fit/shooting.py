@@ -356,11 +356,11 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
         against its variance: a smooth E(t) with curvature E'' is missed by about
         h^2 |E''| / 8 at knot spacing h, which no band of the fit can see (the parametric
         bootstrap refits the form it fitted). On the coverage matrix (``benchmarks/``) 11 knots
-        were biased by 2.5 standard errors at the peak of rise-then-decay impacts at low noise
-        (coverage 0.4-0.8); 21 knots cover there. The price is variance: bands about 1.4 times
-        wider at times that are knots of both forms, up to 2.4 times at the midpoint of a coarse
-        segment (where the coarse form averages two knots); pass ``knots=11`` for impacts known
-        to change slowly.
+        were biased by 2.4 standard errors at the peak of rise-then-decay impacts at low noise
+        (coverage of alpha 0.46 there); 21 knots cover there. The price is variance: bands
+        1.4-1.6 times wider at times that are knots of both forms, up to 2.5 times at the
+        midpoint of a coarse segment (where the coarse form averages two knots); pass
+        ``knots=11`` for impacts known to change slowly.
     t0 : time scale of the power law ``a (1 + t/t0)^(-r)`` (default 1.0).
     noise : the noise model of the weights and of the parametric bootstrap: "both" (default:
         additive sigma(t) and SGD noise with a fitted learning rate), "additive", "sgd", or
