@@ -19,8 +19,9 @@ coverage matrix of the bands.
    field from 1 and from 4 trials). Each replicate simulates the LE-SDE from its own initial
    state (exact sampling for the I and L fields with additive noise, else Euler-Maruyama with
    step 0.002) and fits it. Bands: the quasi-likelihood sandwich (every
-   cell) and, in the marked cells, the parametric bootstrap with 40 resamples (basic, normal
-   and percentile intervals from the same resamples). Coverage of alpha(t) and beta(t) at a
+   cell) and the parametric bootstrap, the default band, with 40 resamples (basic, normal
+   and percentile intervals from the same resamples; type-6 sample quantiles, which hold their
+   level at any number of resamples, see ``lesde.fit.uncertainty.QUANTILE_METHOD``). Coverage of alpha(t) and beta(t) at a
    quarter, half and three quarters of the run (for the full E: every entry at half time).
    Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
    many replicates per pass, and a rerun continues where a stopped run left off.
@@ -28,6 +29,7 @@ coverage matrix of the bands.
    fit flags alpha + (K-1) beta as not identified (the gap is what it then reports).
 5. ``shift``: the sandwich coverage of alpha and beta without a flagged fit's widening, against
    the fit's shift signal: the calibration of ``ShootingEstimator.SHIFT_MIN``.
+6. ``knots``: how often AIC and BIC prefer 21 knots to 11 on logs where 11 are biased.
 
     python benchmarks/bench_fit.py exact
     python benchmarks/bench_fit.py timing [--out FILE.json]
@@ -35,6 +37,7 @@ coverage matrix of the bands.
         --out benchmarks/results_fit_coverage.json
     python benchmarks/bench_fit.py gap --replicates 100 --out benchmarks/results_fit_gap.json
     python benchmarks/bench_fit.py shift --replicates 100 --out benchmarks/results_fit_shift.json
+    python benchmarks/bench_fit.py knots --replicates 30 --out benchmarks/results_fit_knots.json
 """
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ def _impacts(field, profile):
 
 
 BASE = dict(field="cross_entropy", noise="additive", level="low", logging="fine", n=20, R=1,
-            profile="constant", matrix="intra_inter", form=None, parametric=False)
+            profile="constant", matrix="intra_inter", form=None, knots=None, parametric=True)
 SIGMA = {"low": 0.05, "high": 0.5}
 LR = {"low": 0.05, "high": 0.5}
 
@@ -107,26 +110,35 @@ def _cells() -> dict:
         return c
 
     return {
-        "base": cell(parametric=True),
-        "noise high": cell(level="high", parametric=True),
-        "coarse": cell(logging="coarse", parametric=True),
+        "base": cell(),
+        "noise high": cell(level="high"),
+        "coarse": cell(logging="coarse"),
         "200 per class": cell(n=200),
         "4 trials": cell(R=4),
         "power-law impacts": cell(profile="power_law"),
-        "rise-then-decay impacts": cell(profile="rise", parametric=True),
-        "SGD noise": cell(noise="sgd", parametric=True),
-        "I field": cell(field="identity", parametric=True),
-        "L field": cell(field="label_projection", parametric=True),
-        "coarse x noise high": cell(logging="coarse", level="high", parametric=True),
+        "rise-then-decay impacts": cell(profile="rise"),
+        # the former default form (11 knots) on the same logs: its bias at the peak
+        "rise-then-decay impacts, 11 knots": cell(profile="rise", knots=11,
+                                                  key="rise-then-decay impacts"),
+        "SGD noise": cell(noise="sgd"),
+        "I field": cell(field="identity"),
+        "L field": cell(field="label_projection"),
+        "coarse x noise high": cell(logging="coarse", level="high"),
         "SGD noise high": cell(noise="sgd", level="high"),
         "SGD noise high x coarse": cell(noise="sgd", level="high", logging="coarse"),
         "I field x coarse x noise high": cell(field="identity", logging="coarse", level="high"),
         "L field x coarse x noise high": cell(field="label_projection", logging="coarse",
-                                              level="high", parametric=True),
+                                              level="high"),
         "I field x power-law": cell(field="identity", profile="power_law"),
-        "L field x rise-then-decay": cell(field="label_projection", profile="rise"),
+        "L field x rise-then-decay": cell(field="label_projection", profile="rise",
+                                          key="L field x rise-then-decay, 21 knots"),
+        "L field x rise-then-decay, 11 knots": cell(field="label_projection", profile="rise",
+                                                    knots=11, key="L field x rise-then-decay"),
         "200 per class x 4 trials x noise high": cell(n=200, R=4, level="high"),
         "default form (piecewise linear) on constant impacts": cell(form="piecewise_linear"),
+        "default form on constant impacts, 11 knots": cell(
+            form="piecewise_linear", knots=11,
+            key="default form (piecewise linear) on constant impacts"),
         "full E, 4 trials": cell(matrix="full", R=4),
         "full E, 1 trial": cell(matrix="full"),
     }
@@ -185,6 +197,8 @@ def _estimator(c: dict, **kw) -> ShootingEstimator:
     _, time_form = _impacts(c["field"], c["profile"])
     if c["form"] is not None:
         time_form = c["form"]
+    if c.get("knots") is not None:
+        kw["knots"] = c["knots"]
     return ShootingEstimator(c["field"], matrix=c["matrix"], time=time_form, **kw)
 
 
@@ -293,7 +307,8 @@ def coverage(args) -> dict:
             prev = results["cells"].get(name)
             done = prev["replicates"] if prev else 0
             k = min(chunk, args.replicates - done)
-            seed = (zlib.crc32(name.encode()) + 7919 * done) % 10 ** 6
+            key = cells[name].get("key") or name       # a cell's seeds follow its key
+            seed = (zlib.crc32(key.encode()) + 7919 * done) % 10 ** 6
             res = run_cell(cells[name], k, seed=seed, prev=prev)
             results["cells"][name] = res
             print(f"{name:55s} n={res['replicates']:4d}  " + "  ".join(
@@ -316,7 +331,7 @@ def coverage_table(path: str) -> str:
     sandwich): "in" 0.90-0.99, "consistent" within 2 SE of that range, or "misses"."""
     with open(path) as fh:
         res = json.load(fh)["cells"]
-    methods = ["sandwich", "parametric basic", "parametric percentile"]
+    methods = ["sandwich", "parametric basic", "parametric normal", "parametric percentile"]
     head = ("| cell | field | noise | log | n/class | trials | impacts | reps | SE at 0.95 | "
             + " | ".join(f"{m_}: alpha / beta" for m_ in methods)
             + " | flagged not identified | default band |")
@@ -341,6 +356,8 @@ def coverage_table(path: str) -> str:
                    else "misses")
         form = c["form"] or {"constant": "constant", "power_law": "power law",
                              "rise": "rise-decay"}[c["profile"]]
+        if c.get("knots") is not None:
+            form += f", {c['knots']} knots"
         if c["matrix"] == "full":
             form += ", full E"
         field = {"cross_entropy": "CE", "identity": "I", "label_projection": "L"}[c["field"]]
@@ -445,8 +462,12 @@ def _save(out: dict, path) -> None:
 
 
 def timing(args) -> dict:
+    """Fit times at real-log size; rows already in --out are kept unless measured again."""
     out = {}
-    for Kc in (int(v) for v in args.kk.split(",")):
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as fh:
+            out = json.load(fh)
+    for Kc in (int(v) for v in args.kk.split(",") if v.strip()):
         y = np.tile(np.arange(Kc), 100)
         rng = np.random.default_rng(0)
         x0 = 0.5 * rng.standard_normal((y.size, Kc)) + np.linspace(1.0, -1.0, Kc)
@@ -494,6 +515,25 @@ def timing(args) -> dict:
               f"{est.n_substeps_} {est.integrator_} steps, stiffness bound "
               f"{'active' if est.stiff_bound_active_ else 'inactive'})", flush=True)
         _save(out, args.out)
+        if args.real_boot:
+            # the default band on the stiff fit: every refit simulates the fitted SDE by
+            # Euler-Maruyama at a step of 0.05 / rate and refits against the stiffness bound
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pb = ShootingEstimator("cross_entropy", bootstrap="parametric",
+                                       n_bootstrap=args.real_boot, n_jobs=2).fit(tr)
+            secb = time.perf_counter() - t0
+            row = out["CIFAR-10 log, K=3"]
+            row.update({"parametric": secb, "parametric_refits": args.real_boot,
+                        "parametric_seconds_per_refit": (secb - sec) / args.real_boot,
+                        "parametric_failed_refits": int(np.sum(~np.all(np.isfinite(
+                            pb.bootstrap_theta_.reshape(args.real_boot, -1)), axis=1))),
+                        "load_average_1min_parametric": os.getloadavg()[0]})
+            print(f"  with the parametric band ({args.real_boot} refits over 2 processes): "
+                  f"{secb:.1f} s, {row['parametric_seconds_per_refit']:.1f} s per refit",
+                  flush=True)
+            _save(out, args.out)
     return out
 
 
@@ -583,15 +623,48 @@ def shift_calibration(args) -> dict:
     return out
 
 
+# ============================================================================================
+# the default knot count: would an information criterion have chosen the finer form?
+# ============================================================================================
+def knots_choice(args) -> dict:
+    """On --replicates logs of the cell "L field x rise-then-decay" (seed 4242), fit 11 and 21
+    knots and count how often AIC and BIC from the quasi-likelihood prefer 21: whether the
+    form's bias at the peak (which 11 knots show in the coverage matrix) is visible in the
+    log."""
+    c = _cells()["L field x rise-then-decay"]
+    logs = simulate_logs(c, args.replicates, seed=4242)
+    crit = np.zeros((len(logs), 2, 2))
+    for r, tr in enumerate(logs):
+        for j, m_ in enumerate((11, 21)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = ShootingEstimator("label_projection", knots=m_,
+                                        bootstrap="sandwich").fit(tr)
+            crit[r, j] = est.aic_, est.bic_
+    out = {"replicates": len(logs),
+           "aic_prefers_21": int((crit[:, 1, 0] < crit[:, 0, 0]).sum()),
+           "bic_prefers_21": int((crit[:, 1, 1] < crit[:, 0, 1]).sum()),
+           "median_aic_11_minus_21": float(np.median(crit[:, 0, 0] - crit[:, 1, 0]))}
+    print(f"L field, rise-then-decay impacts, {len(logs)} logs: AIC prefers 21 knots to 11 on "
+          f"{out['aic_prefers_21']}, BIC on {out['bic_prefers_21']} (median AIC(11) - AIC(21) "
+          f"{out['median_aic_11_minus_21']:.1f})", flush=True)
+    _save(out, args.out)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("job", choices=("exact", "timing", "coverage", "table", "gap",
-                                                "shift"))
+                                                "shift", "knots"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replicates", type=int, default=120)
     parser.add_argument("--boot", type=int, default=200,
                         help="timing: parametric-bootstrap refits (default 200)")
-    parser.add_argument("--kk", default="3,10", help="timing: numbers of classes (3,10)")
+    parser.add_argument("--kk", default="3,10",
+                        help="timing: numbers of classes (3,10; empty: the real log only)")
+    parser.add_argument("--real-boot", type=int, default=0,
+                        help="timing: parametric-bootstrap refits on the committed CIFAR-10 "
+                             "log (default 0: its sandwich fit only)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="coverage: replicates added to every cell per pass (default: all)")
     parser.add_argument("--cells", default=None, help="semicolon-separated cell names")
@@ -609,6 +682,8 @@ def main(argv=None):
         res = gap_coverage(args)
     elif args.job == "shift":
         res = shift_calibration(args)
+    elif args.job == "knots":
+        res = knots_choice(args)
     else:
         res = coverage(args)
     if args.out and args.job not in ("coverage", "gap", "shift"):

@@ -1263,21 +1263,13 @@ def _run_elasticity(args):
     def load(path, classes, per_class, split="train", seed=args.seed):
         """(x float tensor, labels 0..len(classes)-1) from CIFAR-10 or sklearn digits."""
         if path == "digits":
-            from sklearn.datasets import load_digits
+            from .data import load_digits
 
-            X, Y = load_digits(return_X_y=True)
-            rng = np.random.default_rng(seed + (split == "test"))
-            xs, ys = [], []
-            bad = [c for c in classes if not str(c).isdigit() or not 0 <= int(c) <= 9]
-            if bad:
-                raise SystemExit(f"--data digits takes the digits 0-9 as --classes, not {' '.join(map(str, bad))}")
-            for i, cl in enumerate(classes):
-                idx = np.where(Y == int(cl))[0]
-                idx = rng.choice(idx, min(per_class, len(idx)), replace=False)
-                xs.append(X[idx] / 16.0)
-                ys.append(np.full(len(idx), i))
-            return (torch.as_tensor(np.concatenate(xs), dtype=torch.float32),
-                    torch.as_tensor(np.concatenate(ys)))
+            try:   # a fixed train/test partition of the digits: no image is in both
+                return load_digits(classes, per_class, split=split, seed=seed, as_tensor=True,
+                                   at_most=True)   # the CIFAR-sized defaults ask for more
+            except ValueError as exc:
+                raise SystemExit(f"--data digits: {exc}")
         from .data import load_cifar10
 
         cls = [int(c) if str(c).isdigit() else c for c in classes]
@@ -2183,8 +2175,8 @@ def _add_fit(sub):
     m.add_argument("--time", choices=("piecewise_linear", "constant", "power_law"),
                    default="piecewise_linear", help="how E depends on t (default piecewise_linear)")
     m.add_argument("--knots", default=None,
-                   help="piecewise-linear knots: a number (equally spaced, default 11) or a "
-                   "comma list of times")
+                   help="piecewise-linear knots: a number (equally spaced, default 21, fewer on "
+                   "logs of under 41 logged times) or a comma list of times")
     m.add_argument("--t0", type=float, default=1.0, help="time scale of the power law")
     m.add_argument("--noise", choices=("both", "additive", "sgd", "none"), default="both",
                    help="noise model of the weights and the parametric bootstrap (default both)")

@@ -37,6 +37,7 @@ __all__ = [
     "DataFormatError",
     "UnsafePickleError",
     "load_cifar10",
+    "load_digits",
     "GEOMNIST_VARIANTS",
     "GeoMNIST",
     "make_geomnist",
@@ -857,3 +858,57 @@ def apply_label_noise(labels, p_err: float, num_classes: int, seed=0) -> np.ndar
         counts[rng.choice(others.size, size=extra, replace=False)] += 1
         out[flip] = np.repeat(others, counts)
     return out
+
+
+# ============================================================================================
+# scikit-learn's 8x8 digits (bundled with scikit-learn: no download)
+# ============================================================================================
+#: the share of each digit's images in the "train" part of the fixed digits partition
+DIGITS_TRAIN_SHARE = 0.75
+
+
+def load_digits(classes: Sequence = tuple(range(10)), per_class: Optional[int] = None,
+                split: str = "train", seed: int = 0, as_tensor: bool = False,
+                at_most: bool = False):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, about 180 per digit), as CIFAR-10 is
+    read by :func:`load_cifar10`: ``(x (M, 64) in [0, 1], labels (M,) in 0..len(classes)-1)``.
+
+    The train and test parts are a fixed partition of every digit's images (the first
+    ``DIGITS_TRAIN_SHARE`` of a permutation drawn once with seed 0, the rest), so no image is
+    in both whatever ``seed`` is; ``seed`` picks the ``per_class`` images inside the part (the
+    subset depends on (seed, digit) only, as for CIFAR-10).
+
+    Args:
+        classes: digits 0-9 (ints or strings); label i is ``classes[i]``.
+        per_class: images per digit (default: all of the part).
+        split: "train" or "test".
+        at_most: take ``per_class`` as an upper bound (all of a smaller part) instead of
+            raising when a digit's part has fewer images.
+    """
+    from sklearn.datasets import load_digits as _sk_digits
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    digits = []
+    for c in classes:
+        s = str(c)
+        if not s.isdigit() or not 0 <= int(s) <= 9:
+            raise ValueError(f"the digits data takes the digits 0-9 as classes, got {c!r}")
+        digits.append(int(s))
+    if len(set(digits)) != len(digits):
+        raise ValueError(f"classes repeat a digit: {list(classes)}")
+    X, Y = _sk_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(Y))
+    xs, ys = [], []
+    for i, d in enumerate(digits):
+        idx = order[Y[order] == d]
+        cut = int(round(DIGITS_TRAIN_SHARE * idx.size))
+        part = np.sort(idx[:cut] if split == "train" else idx[cut:])
+        n = per_class if per_class is None or not at_most else min(per_class, part.size)
+        keep = part[_choose(part.size, n, seed, d, f"digit {d} ({split})")]
+        xs.append(X[keep] / 16.0)
+        ys.append(np.full(keep.size, i, dtype=np.int64))
+    x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+    if as_tensor:
+        return torch.as_tensor(x), torch.as_tensor(y)
+    return x, y

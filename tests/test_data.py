@@ -667,3 +667,35 @@ def test_label_noise_errors():
         apply_label_noise([0, 1], 1.5, 2)
     with pytest.raises(ValueError, match="0..1"):
         apply_label_noise([0, 2], 0.1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn's digits
+# --------------------------------------------------------------------------------------------
+def test_digits_train_and_test_parts_are_disjoint_for_every_seed():
+    from sklearn.datasets import load_digits as sk_digits
+    from lesde.data import load_digits
+
+    X, Y = sk_digits(return_X_y=True)
+    key = {X[i].tobytes(): Y[i] for i in range(len(Y))}
+    assert len(key) == len(Y)                            # every image is unique: a fair key
+    whole_tr = load_digits(split="train")[0]
+    whole_te = load_digits(split="test")[0]
+    assert len(whole_tr) + len(whole_te) == len(Y)
+    tr = {(r * 16).round().tobytes() for r in whole_tr.astype(np.float64)}
+    for seed in (0, 1, 7):
+        xt, yt = load_digits([3, 5], 20, split="test", seed=seed)
+        assert xt.shape == (40, 64) and np.array_equal(yt, np.repeat([0, 1], 20))
+        for row, lab in zip((xt.astype(np.float64) * 16).round(), yt):
+            assert row.tobytes() not in tr                # never a train image
+            assert key[row.tobytes()] == (3, 5)[lab]      # labels follow the classes' order
+    a = load_digits([3, 5], 20, split="train", seed=4)[0]
+    np.testing.assert_array_equal(a, load_digits([3, 5], 20, split="train", seed=4)[0])
+    assert not np.array_equal(a, load_digits([3, 5], 20, split="train", seed=5)[0])
+    with pytest.raises(ValueError, match="only .* images of digit 3"):
+        load_digits([3], 1000, split="test")
+    assert len(load_digits([3], 1000, split="test", at_most=True)[1]) < 60
+    with pytest.raises(ValueError, match="digits 0-9 as classes"):
+        load_digits(["cat"])
+    with pytest.raises(ValueError, match="split"):
+        load_digits(split="val")

@@ -118,6 +118,20 @@ def test_form_parametrisations():
         ImpactForm(3, matrix="diagonal")
 
 
+def test_default_knots_follow_the_log_length():
+    """21 equally spaced knots by default, at least two logged intervals per segment on short
+    logs; a number given is capped at one knot per logged time."""
+    y = np.tile(np.arange(K), 2)
+    for T, expected in ((201, 21), (41, 21), (40, 20), (16, 8), (3, 2)):
+        tr = Trajectory(np.linspace(0.0, 4.0, T), np.zeros((T, y.size, K)), y)
+        kn = ShootingEstimator()._make_form(tr).knots
+        assert kn.size == expected, (T, kn.size)
+        np.testing.assert_allclose(kn, np.linspace(0.0, 4.0, expected))
+    tr = Trajectory(np.linspace(0.0, 1.0, 6), np.zeros((6, y.size, K)), y)
+    assert ShootingEstimator(knots=30)._make_form(tr).knots.size == 6
+    assert ShootingEstimator.DEFAULT_KNOTS == 21
+
+
 def _noisy_log(field="cross_entropy", noise="additive", level=0.1, n=30, R=1, seed=0, T=21):
     a, b, D, _ = SETUP[field]
     y = np.tile(np.arange(K), n)

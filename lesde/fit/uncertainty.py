@@ -106,13 +106,25 @@ def resample_indices(labels: np.ndarray, R: int, mode: str, n: int, rng) -> tupl
 # ============================================================================================
 # bands
 # ============================================================================================
+#: the sample-quantile rule of every band from replicates: Hyndman & Fan's type 6 ("weibull",
+#: the order statistic X_(k) at probability k / (B + 1)). For B replicates of a continuous
+#: quantity E[F(X_(k))] = k / (B + 1) exactly, so a band between the type-6 quantiles at
+#: (1 - level) / 2 and (1 + level) / 2 holds the next draw with probability ``level`` at every
+#: B. NumPy's default (type 7, X_(k) at (k - 1) / (B - 1)) pulls both ends inwards: at B = 40
+#: and level 0.95 such a band holds 0.904 of the mass in expectation, at B = 200 0.940
+#: (Hyndman & Fan 1996, "Sample quantiles in statistical packages", Am. Stat. 50(4)).
+QUANTILE_METHOD = "weibull"
+
+
 def percentile_band(samples: np.ndarray, level: float) -> np.ndarray:
-    """(2, ...) lower and upper percentile band over axis 0, ignoring NaN replicates."""
+    """(2, ...) lower and upper percentile band over axis 0, ignoring NaN replicates, by the
+    type-6 sample quantiles (:data:`QUANTILE_METHOD`): the band from B replicates holds a new
+    draw of the same distribution with probability ``level`` whatever B is."""
     lo = 100 * (1 - level) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.stack([np.nanpercentile(samples, lo, axis=0),
-                         np.nanpercentile(samples, 100 - lo, axis=0)])
+        return np.stack([np.nanpercentile(samples, lo, axis=0, method=QUANTILE_METHOD),
+                         np.nanpercentile(samples, 100 - lo, axis=0, method=QUANTILE_METHOD)])
 
 
 def band_from_replicates(estimate, replicates: np.ndarray, level: float,
