@@ -21,8 +21,8 @@ coverage matrix of the bands.
    step 0.002) and fits it. Bands: the quasi-likelihood sandwich (every
    cell) and the parametric bootstrap, the default band, with 40 resamples (basic, normal
    and percentile intervals from the same resamples; type-6 sample quantiles, which hold their
-   level at any number of resamples, see ``lesde.fit.uncertainty.QUANTILE_METHOD``). Coverage of alpha(t) and beta(t) at a
-   quarter, half and three quarters of the run (for the full E: every entry at half time).
+   level at any number of resamples, see ``lesde.fit.uncertainty.QUANTILE_METHOD``).
+   Coverage of alpha(t) and beta(t) at a quarter, half and three quarters of the run (for the full E: every entry at half time).
    Results are written after every cell (``--out``); with ``--chunk`` every cell grows by that
    many replicates per pass, and a rerun continues where a stopped run left off.
 4. ``gap``: the coverage of the gap alpha - beta's band on the cross-entropy cells where the

@@ -400,7 +400,8 @@ class ShootingEstimator(ImpactTailIndex, Estimator):
     noise_ (the noise model used), bands_ (dict name -> (2, ...) lower/upper: "alpha", "beta",
     "A", "B", "E", "theta"), se_ (the same names: standard errors), band_method_,
     steps_ (the integration: RK4 steps per interval, or ("ros2", steps)), n_substeps_,
-    integrator_ ("rk4" or "ros2"), integration_error_, condition_ (condition number of the Gauss-Newton Hessian
+    integrator_ ("rk4" or "ros2"), integration_error_, condition_ (condition number of the
+    Gauss-Newton Hessian
     with unit-diagonal scaling), identified_ (False when it exceeds ``CONDITION_WARN``),
     loss_ (the weighted residual sum of squares), n_residuals_, aic_, bic_, n_evals_.
     """
@@ -656,7 +657,8 @@ def quantities_jacobian(form: ImpactForm, theta: np.ndarray, ts: np.ndarray) -> 
     """d quantity / d theta for every quantity of :func:`_quantities_t`: (..., P) arrays."""
     from torch.func import jacfwd
 
-    jac = jacfwd(lambda th: _quantities_t(form, th, ts))(torch.as_tensor(theta, dtype=torch.float64))
+    jac = jacfwd(lambda th: _quantities_t(form, th, ts))(
+        torch.as_tensor(theta, dtype=torch.float64))
     return {k: v.numpy() for k, v in jac.items()}
 
 
@@ -797,7 +799,8 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
     Q = None
     if noise in ("sgd", "both"):
         Et = form.E_numpy(theta.numpy(), traj.ts[:-1])                   # (T - 1, K, K)
-        Q = sgd_covariance(G[:, :-1].reshape(M, traj.N, p), traj.labels, K, traj.class_weights, np.tile(Et, (R, 1, 1)))
+        Q = sgd_covariance(G[:, :-1].reshape(M, traj.N, p), traj.labels, K,
+                           traj.class_weights, np.tile(Et, (R, 1, 1)))
         with torch.no_grad():
             res = (prob.target - prob.predict(theta[None], steps_for(theta)))[0]
             res = res.reshape(M, -1).numpy()
@@ -918,7 +921,8 @@ def _fit_core(traj: Trajectory, field, form: ImpactForm, noise: str, substeps: i
             "steps_": S, "n_substeps_": _n_steps(S), "gain_": gain_iv,
             "stiffness_": stiffness * (np.nan if bound is None else float(max_stiffness)),
             "stiff_bound_active_": bool(bound is not None and stiffness > 0.99),
-            "integrator_": "ros2" if isinstance(S, tuple) else "rk4", "integration_error_": err, "condition_": cond,
+            "integrator_": "ros2" if isinstance(S, tuple) else "rk4",
+            "integration_error_": err, "condition_": cond,
             "identified_": bool(cond <= ShootingEstimator.CONDITION_WARN),
             "shift_signal_": shift_signal,
             "n_evals_": n_evals, "whitening_": L2}
